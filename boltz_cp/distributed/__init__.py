@@ -12,6 +12,7 @@ from boltz_cp.distributed.comm import (
     skew,
     transpose_exchange,
 )
+from boltz_cp.distributed.layout import TokenLayout
 from boltz_cp.distributed.mesh import MESH_DIM_NAMES, CPMesh, check_mesh_size, convert_rank, parse_mesh
 from boltz_cp.distributed.runtime import (
     DistContext,
@@ -40,5 +41,5 @@ __all__ = [
     "any_rank_failed", "check_mesh_size", "check_placements", "comm_counters", "convert_rank", "gather_pair",
     "gather_single", "init_distributed", "pad_tokens", "padded_size", "pair_from_tile",
     "parse_mesh", "reset_comm_counters", "ring_shift", "shard_pair", "shard_single",
-    "shutdown_distributed", "single_from_local", "skew", "tile_bounds", "transpose_exchange",
+    "shutdown_distributed", "single_from_local", "skew", "tile_bounds", "transpose_exchange", "TokenLayout",
 ]
