@@ -1,0 +1,251 @@
+"""`boltz_cp predict`: inputs -> Boltz-2 predictions in upstream's output layout.
+
+Output (as upstream): <out_dir>/boltz_results_<stem>/
+    processed/{structures,records,msa,constraints,templates,mols}/...
+    predictions/<id>/<id>_model_<k>.cif|.pdb, confidence_<id>_model_<k>.json,
+                     plddt_/pae_/pde_<id>_model_<k>.npz
+    boltz_cp_config.yaml        the resolved configuration (writer rank only)
+
+Every input is processed and predicted in a private staging folder, then moved into place, so
+an error or a killed run never leaves a partial prediction behind. A bad input is reported by
+name; the other inputs still run, and the command exits non-zero listing the failures.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from boltz_cp.cli.progress import Progress
+from boltz_cp.distributed.mesh import check_mesh_size
+from boltz_cp.errors import BoltzCPError, ConfigError, InputError
+
+BACKENDS = ("reference", "cp")
+PRECISIONS = ("auto", "fp32", "bf16-mixed")
+FORMATS = ("mmcif", "pdb")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values before any process group or file is touched (cheap, identical on all ranks)."""
+
+    def choice(key: str, value, options) -> None:
+        if value not in options:
+            raise ConfigError(f"{key}={value} is not one of {', '.join(map(str, options))}")
+
+    choice("model.backend", cfg.model.backend, BACKENDS)
+    choice("precision", cfg.precision, PRECISIONS)
+    choice("output_format", cfg.output_format, FORMATS)
+    choice("device", cfg.device, DEVICES)
+    for key in ("recycling_steps", "sampling_steps", "diffusion_samples", "seed"):
+        if not isinstance(cfg[key], int) or cfg[key] < 0:
+            raise ConfigError(f"{key} must be a non-negative integer, got {cfg[key]!r}")
+    if cfg.sampling_steps < 1 or cfg.diffusion_samples < 1:
+        raise ConfigError("sampling_steps and diffusion_samples must be at least 1")
+    if cfg.max_parallel_samples is not None and cfg.max_parallel_samples < 1:
+        raise ConfigError("max_parallel_samples must be at least 1 (or null)")
+    for key in ("rows", "cols"):
+        if not isinstance(cfg.mesh[key], int) or cfg.mesh[key] < 1:
+            raise ConfigError(f"mesh.{key} must be a positive integer, got {cfg.mesh[key]!r}")
+    if cfg.timeout_s <= 0:
+        raise ConfigError("timeout_s must be positive")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    mesh = f"{cfg.mesh.rows}x{cfg.mesh.cols}"
+    check_mesh_size(cfg.mesh.rows, cfg.mesh.cols, world)  # before any rendezvous: fail fast
+    if cfg.model.backend == "reference" and (world != 1 or mesh != "1x1"):
+        raise ConfigError(
+            f"model.backend=reference runs upstream's serial Boltz-2 on a 1x1 mesh only "
+            f"(got mesh={mesh} with {world} process{'es' if world > 1 else ''}); "
+            "run it as a single process with mesh=1x1"
+        )
+    if cfg.model.backend == "cp":
+        raise ConfigError("model.backend=cp is not available yet in this version; use model.backend=reference")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16-mixed" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16-mixed as Lightning does it (autocast, fp32 weights); fp32 runs with no autocast at all."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def predict(cfg: DictConfig, input_arg: str) -> None:
+    from boltz_cp.data.ccd import ensure_molecules
+    from boltz_cp.data.inputs import collect_inputs, required_ccd_codes
+    from boltz_cp.distributed import CPMesh, init_distributed, shutdown_distributed
+    from boltz_cp.models.checkpoint import default_cache, default_checkpoint_path, load_boltz2
+
+    validate(cfg)
+    ctx = init_distributed(cfg.timeout_s, cfg.device)
+    try:
+        mesh = CPMesh.build(cfg.mesh.rows, cfg.mesh.cols, device_type=ctx.device.type)
+        writer_rank = mesh.rank == 0
+        log = Progress(cfg.progress and writer_rank)
+        precision = resolve_precision(cfg.precision, ctx.device)
+        torch.set_grad_enabled(False)
+        torch.set_float32_matmul_precision("highest")
+
+        input_path = Path(input_arg).expanduser()
+        files = collect_inputs(input_path)
+        cache = Path(cfg.cache).expanduser() if cfg.cache else default_cache()
+        ckpt = Path(cfg.checkpoint).expanduser() if cfg.checkpoint else default_checkpoint_path(cache)
+        out = Path(cfg.out_dir).expanduser() / f"boltz_results_{input_path.stem}"
+        mol_dir = cache / "mols"
+
+        log(f"{len(files)} input(s), mesh {mesh.rows}x{mesh.cols}, device {ctx.device}, precision {precision}")
+        # Cheap checks of every input (format, entities, SMILES, CCD codes) before the model loads.
+        failures: list[str] = []
+        todo: list[Path] = []
+
+        def fail(path: Path, e: InputError) -> None:
+            if len(files) == 1:
+                raise e
+            failures.append(f"{path.name}: {e}")
+            log(f"{path.name}: FAILED: {e}")
+
+        for path in files:
+            if (out / "predictions" / path.stem).exists() and not cfg.override:
+                log(f"{path.name}: predictions exist in {out / 'predictions' / path.stem}, skipping "
+                    "(override=true recomputes)")
+                continue
+            try:
+                ensure_molecules(mol_dir, required_ccd_codes(path))
+                todo.append(path)
+            except InputError as e:
+                fail(path, e)
+        if not todo:
+            _finish(failures, files, log, out)
+            return
+        log(f"loading checkpoint {ckpt}")
+        model, info = load_boltz2(
+            ckpt,
+            predict_args={
+                "recycling_steps": cfg.recycling_steps,
+                "sampling_steps": cfg.sampling_steps,
+                "diffusion_samples": cfg.diffusion_samples,
+                "max_parallel_samples": cfg.max_parallel_samples,
+                "write_confidence_summary": True,
+                "write_full_pae": cfg.write_full_pae,
+                "write_full_pde": cfg.write_full_pde,
+            },
+            diffusion_overrides={"step_scale": cfg.step_scale},
+            steering_args={
+                "fk_steering": cfg.use_potentials,
+                "physical_guidance_update": cfg.use_potentials,
+            },
+            msa_overrides={"subsample_msa": cfg.subsample_msa, "num_subsampled_msa": cfg.num_subsampled_msa},
+            use_kernels=False,
+        )
+        model.to(ctx.device)
+        if info.get("random_preset") and writer_rank:
+            log.warn(
+                f"WARNING: {ckpt} holds RANDOM weights (preset '{info['random_preset']}'): "
+                "the predicted structures are not meaningful"
+            )
+        if writer_rank:
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(out / "boltz_cp_config.yaml", OmegaConf.to_yaml(cfg))
+
+        for path in todo:
+            try:
+                _predict_one(cfg, model, path, out, mol_dir, ctx.device, precision, log, writer_rank)
+            except InputError as e:
+                fail(path, e)
+        _finish(failures, files, log, out)
+    finally:
+        shutdown_distributed()
+
+
+def _finish(failures: list[str], files: list[Path], log, out: Path) -> None:
+    if failures:
+        raise InputError(f"{len(failures)} of {len(files)} inputs failed:\n  " + "\n  ".join(failures))
+    log(f"done: results in {out}")
+
+
+def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, precision, log, writer_rank) -> None:
+    from boltz.data.write.writer import BoltzWriter
+
+    from boltz_cp.data.inputs import ProcessedDirs, featurize, parse_target, write_processed
+
+    staging = out / f".staging-{path.stem}-{os.getpid()}"
+    try:
+        log(f"{path.name}: parsing and featurizing")
+        dirs = ProcessedDirs(staging / "processed").make()
+        record = write_processed(parse_target(path, mol_dir, cfg.seed), path, dirs, cfg.max_msa_seqs)
+        batch = featurize(record, dirs, mol_dir, seed=cfg.seed, method=cfg.method)
+        n_tokens = int(batch["token_pad_mask"].sum())
+        log(f"{record.id}: {n_tokens} tokens, {int(batch['atom_pad_mask'].sum())} atoms")
+        if record.affinity:
+            log(f"{record.id}: WARNING: the affinity property is not predicted yet by boltz_cp; skipping it")
+
+        chunk = cfg.max_parallel_samples or cfg.diffusion_samples
+        hooks = log.hook_model(model, cfg.recycling_steps, cfg.sampling_steps, -(-cfg.diffusion_samples // chunk))
+        try:
+            pred = run_reference(model, batch, cfg.seed, device, precision)
+        finally:
+            for h in hooks:
+                h.remove()
+        if pred.get("exception"):
+            raise BoltzCPError(f"{record.id}: out of memory on {device} at {n_tokens} tokens")
+        if not writer_rank:
+            return
+        staged = staging / "predictions"
+        writer = BoltzWriter(
+            data_dir=str(dirs.structures),
+            output_dir=str(staged),
+            output_format=cfg.output_format,
+            boltz2=True,
+            write_embeddings=cfg.write_embeddings,
+        )
+        writer.write_on_batch_end(None, None, pred, None, batch, 0, 0)
+        _publish(staging, out, record.id)
+        log(f"{record.id}: wrote {out / 'predictions' / record.id}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def run_reference(model, batch: dict, seed: int, device: torch.device, precision: str) -> dict:
+    """Upstream's serial `Boltz2.predict_step` on one featurized batch; sampling seeded by `seed`.
+
+    The sampling RNG is reseeded after featurization, so featurizing never shifts the noise.
+    """
+    from lightning_fabric.utilities.seed import seed_everything
+
+    from boltz_cp.data.inputs import batch_to
+
+    seed_everything(seed, verbose=False)
+    with torch.inference_mode(), autocast(precision, device):
+        return model.predict_step(batch_to(batch, device), 0)
+
+
+def _publish(staging: Path, out: Path, record_id: str) -> None:
+    """Move a finished staging folder into the results; each file or folder lands by rename."""
+    for src in sorted((staging / "processed").rglob("*")):
+        if src.is_file():
+            dst = out / "processed" / src.relative_to(staging / "processed")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+    final = out / "predictions" / record_id
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        old = final.with_name(f".old-{record_id}-{os.getpid()}")
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(staging / "predictions" / record_id, final)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,49 @@
+"""Line-based progress on the writer rank: readable in a terminal and in a SLURM log."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    """Prints `[boltz_cp  12.3s] stage: message` lines to stderr when enabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            self.warn(msg)
+
+    def warn(self, msg: str) -> None:
+        """Always printed, progress or not."""
+        print(f"[boltz_cp {time.perf_counter() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def hook_model(self, model, recycling_steps: int, sampling_steps: int, chunks: int) -> list:
+        """Report recycling and diffusion steps from forward pre-hooks on upstream's modules."""
+        if not self.enabled:
+            return []
+        counts = {"trunk": 0, "diffusion": 0}
+        total_steps = sampling_steps * chunks
+        every = max(1, total_steps // 10)
+
+        def trunk(_m, _a):
+            counts["trunk"] += 1
+            self(f"trunk: recycle {counts['trunk']}/{recycling_steps + 1}")
+
+        def diffusion(_m, _a):
+            counts["diffusion"] += 1
+            n = counts["diffusion"]
+            if n == 1 or n % every == 0 or n == total_steps:
+                self(f"diffusion: step {n}/{total_steps}")
+
+        def confidence(_m, _a):
+            self("confidence")
+
+        handles = [model.pairformer_module.register_forward_pre_hook(trunk)]
+        handles.append(model.structure_module.score_model.register_forward_pre_hook(diffusion))
+        if getattr(model, "confidence_module", None) is not None:
+            handles.append(model.confidence_module.register_forward_pre_hook(confidence))
+        return handles

@@ -1,0 +1,149 @@
+"""The `boltz_cp` command line. Tier: no process group (config), subprocess and torchrun (CLI).
+
+Multi-process cases run under torchrun on CPU; every one has a deadline, so a hang fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from boltz_cp.cli.config import compose_config
+from boltz_cp.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(args: list[str], timeout: float = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=cwd)
+
+
+def _torchrun(nproc: int, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return _run(cmd + ["-m", "boltz_cp", *args], timeout=timeout)
+
+
+# The settings a user can give; the CLI grows deliberately: update this list with the README.
+EXPECTED_KEYS = {
+    "mesh", "out_dir", "cache", "checkpoint", "override", "recycling_steps", "sampling_steps",
+    "diffusion_samples", "max_parallel_samples", "step_scale", "seed", "method", "use_potentials",
+    "subsample_msa", "num_subsampled_msa", "max_msa_seqs", "precision", "device", "output_format",
+    "write_full_pae", "write_full_pde", "write_embeddings", "timeout_s", "progress", "model",
+}
+
+
+def test_config_keys_snapshot():
+    cfg = compose_config([])
+    assert set(cfg.keys()) == EXPECTED_KEYS
+    assert set(cfg.mesh.keys()) == {"rows", "cols"}
+    assert set(cfg.model.keys()) == {"backend"}
+
+
+@pytest.mark.parametrize("mesh,rows,cols", [("1x1", 1, 1), ("2x2", 2, 2), ("3x3", 3, 3), ("4x4", 4, 4), ("8x8", 8, 8), ("2x3", 2, 3)])
+def test_mesh_overrides(mesh, rows, cols):
+    cfg = compose_config([f"mesh={mesh}"])
+    assert (cfg.mesh.rows, cfg.mesh.cols) == (rows, cols)
+    cfg = compose_config(["mesh=2x2", "mesh.rows=1"])
+    assert (cfg.mesh.rows, cfg.mesh.cols) == (1, 2)
+
+
+def test_bad_overrides():
+    with pytest.raises(ConfigError, match="mesh"):
+        compose_config(["mesh=huge"])
+    with pytest.raises(ConfigError, match="bad setting"):
+        compose_config(["no_such_key=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        compose_config(["justaword"])
+
+
+def test_help_and_cfg():
+    r = _run([sys.executable, "-m", "boltz_cp", "predict", "--help"])
+    assert r.returncode == 0, r.stderr
+    assert "usage: boltz_cp predict" in r.stdout and "recycling_steps: 3" in r.stdout
+    r = _run([sys.executable, "-m", "boltz_cp", "predict", "x.yaml", "mesh=2x2", "--cfg", "job"])
+    assert r.returncode == 0 and "rows: 2" in r.stdout
+    r = _run([sys.executable, "-m", "boltz_cp", "fold", "x.yaml"])
+    assert r.returncode == 2 and "unknown command 'fold'" in r.stderr
+
+
+def _predict_args(inp: Path, out: Path, cache: Path, ckpt: Path, *extra: str) -> list[str]:
+    return [
+        "predict", str(inp), f"out_dir={out}", f"cache={cache}", f"checkpoint={ckpt}",
+        "recycling_steps=0", "sampling_steps=2", *extra,
+    ]
+
+
+def test_bad_input_cli(tmp_path, boltz_cache, tiny_ckpt):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nsequences:\n  - ligand: {id: L, ccd: ZZZZQ}\n")
+    r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(bad, tmp_path / "out", boltz_cache, tiny_ckpt)])
+    assert r.returncode == 2, r.stderr
+    assert "ZZZZQ" in r.stderr and "Traceback" not in r.stderr
+    preds = tmp_path / "out" / "boltz_results_bad" / "predictions"
+    assert not preds.exists() or not any(preds.iterdir())
+    assert not list((tmp_path / "out").rglob(".staging-*"))
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage"])
+def test_bad_checkpoint_cli(kind, tmp_path, small_input, boltz_cache):
+    ckpt = tmp_path / "model.ckpt"
+    if kind == "garbage":
+        ckpt.write_bytes(b"not a checkpoint")
+    r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(small_input, tmp_path / "out", boltz_cache, ckpt)])
+    assert r.returncode == 2, r.stderr
+    assert str(ckpt) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_torchrun_reference_needs_1x1(tmp_path):
+    r = _torchrun(4, ["predict", "examples/multichain.yaml", "mesh=2x2", "model.backend=reference",
+                      f"out_dir={tmp_path}"], timeout=90)
+    assert r.returncode != 0
+    assert r.stderr.count("model.backend=reference runs upstream's serial Boltz-2 on a 1x1 mesh only") == 4
+
+
+def test_torchrun_mesh_mismatch(tmp_path):
+    r = _torchrun(4, ["predict", "examples/multichain.yaml", "mesh=3x3", f"out_dir={tmp_path}"], timeout=90)
+    assert r.returncode != 0
+    assert r.stderr.count("mesh 3x3 needs 9 processes but the world size is 4") == 4
+
+
+def test_predict_end_to_end(tmp_path, small_input, boltz_cache, tiny_ckpt):
+    """A tiny-checkpoint prediction writes Boltz-2's layout and says the weights are random."""
+    out = tmp_path / "out"
+    r = _run([sys.executable, "-m", "boltz_cp",
+              *_predict_args(small_input, out, boltz_cache, tiny_ckpt, "diffusion_samples=2", "output_format=pdb")],
+             timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM weights" in r.stderr and "trunk: recycle 1/1" in r.stderr
+    pred = out / "boltz_results_small" / "predictions" / "small"
+    names = sorted(p.name for p in pred.iterdir())
+    for k in (0, 1):
+        for f in (f"small_model_{k}.pdb", f"confidence_small_model_{k}.json", f"plddt_small_model_{k}.npz",
+                  f"pde_small_model_{k}.npz"):
+            assert f in names, names
+    assert (out / "boltz_results_small" / "boltz_cp_config.yaml").exists()
+    assert (out / "boltz_results_small" / "processed" / "records" / "small.json").exists()
+    assert not list(out.rglob(".staging-*"))
+    # a second run without override skips; the outputs stay
+    r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(small_input, out, boltz_cache, tiny_ckpt)])
+    assert r.returncode == 0 and "skipping" in r.stderr
+
+
+def test_directory_with_a_bad_input(tmp_path, small_input, boltz_cache, tiny_ckpt):
+    """The good input is predicted, the bad one is named, the exit status is non-zero."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "good.yaml").write_text(small_input.read_text())
+    (inputs / "broken.fasta").write_text(">A|protein|empty\nMKT\n>B|peptide\nMK\n")
+    out = tmp_path / "out"
+    r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(inputs, out, boltz_cache, tiny_ckpt)], timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "1 of 2 inputs failed" in r.stderr and "broken.fasta: unknown entity type 'peptide'" in r.stderr
+    preds = out / "boltz_results_inputs" / "predictions"
+    assert sorted(p.name for p in preds.iterdir()) == ["good"]
+    assert (preds / "good" / "good_model_0.cif").exists()
