@@ -146,6 +146,13 @@ class CPMesh:
     def is_square(self) -> bool:
         return self.rows == self.cols
 
+    def require_square(self, who: str) -> int:
+        """The mesh side p; ConfigError naming ``who`` and the mesh unless it is square."""
+        if not self.is_square:
+            raise ConfigError(f"{who} needs a square mesh, got {self.rows}x{self.cols} "
+                              f"(rectangular meshes are not supported yet)")
+        return self.rows
+
     @property
     def token_multiple(self) -> int:
         """Pad N to a multiple of this (rows*cols): then pair tiles, row blocks and fully

@@ -73,7 +73,7 @@ def tile_bounds(n_padded: int, parts: int, idx: int) -> slice:
     return slice(idx * n, (idx + 1) * n)
 
 
-def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+def contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
     stride, acc = [], 1
     for s in reversed(shape):
         stride.append(acc)
@@ -86,7 +86,7 @@ def pair_from_tile(tile: torch.Tensor, mesh: CPMesh) -> DTensor:
     shape = (tile.shape[0], tile.shape[1] * mesh.rows, tile.shape[2] * mesh.cols,
              *tile.shape[3:])
     return DTensor.from_local(tile, mesh.device_mesh, PAIR, shape=torch.Size(shape),
-                              stride=_contiguous_stride(shape))
+                              stride=contiguous_stride(shape))
 
 
 def single_from_local(local: torch.Tensor, mesh: CPMesh, fully: bool = False) -> DTensor:
@@ -94,7 +94,7 @@ def single_from_local(local: torch.Tensor, mesh: CPMesh, fully: bool = False) ->
     parts = mesh.size if fully else mesh.rows
     shape = (local.shape[0], local.shape[1] * parts, *local.shape[2:])
     return DTensor.from_local(local, mesh.device_mesh, SINGLE_FULL if fully else SINGLE_BY_I,
-                              shape=torch.Size(shape), stride=_contiguous_stride(shape))
+                              shape=torch.Size(shape), stride=contiguous_stride(shape))
 
 
 def shard_pair(full: torch.Tensor, mesh: CPMesh) -> DTensor:

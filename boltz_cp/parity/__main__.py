@@ -1,0 +1,61 @@
+"""`python -m boltz_cp.parity MODULE --tokens N [...]`: CP module vs upstream, one line each.
+
+Run plainly for a 1x1 mesh, or under `torchrun --nproc-per-node K` for a square mesh of side
+sqrt(K). Prints `MODULE tokens=N mesh=RxC dtype=... max_abs_err=... max_rel_err=... PASS|FAIL`
+on rank 0 and exits 1 if any case fails (2 on a usage error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+from boltz_cp.errors import BoltzCPError, ConfigError
+
+
+def _parser(names: list[str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m boltz_cp.parity", description=__doc__.splitlines()[0])
+    p.add_argument("module", choices=[*names, "all"], help="module to check, or all")
+    p.add_argument("--tokens", type=int, nargs="+", default=[37], help="token counts N (default 37)")
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    p.add_argument("--preset", choices=["tiny", "full"], default="tiny", help="layer widths")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=300, help="process-group timeout (s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from boltz_cp.parity.runner import load_cases, run_case
+
+    names = sorted(load_cases())
+    args = _parser(names).parse_args(argv)
+    from boltz_cp.distributed import CPMesh, init_distributed, shutdown_distributed
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        side = math.isqrt(world)
+        if side * side != world:
+            raise ConfigError(f"the parity tool runs on a square mesh: {world} processes is not a square")
+        if any(n < 1 for n in args.tokens):
+            raise ConfigError("--tokens must be positive")
+        init_distributed(args.timeout, "cpu")
+        mesh = CPMesh.build(side, side)
+        failed = 0
+        for name in names if args.module == "all" else [args.module]:
+            for n in args.tokens:
+                res = run_case(name, mesh, n, dtype=args.dtype, preset=args.preset, seed=args.seed)
+                failed += not res.passed
+                if mesh.rank == 0:
+                    print(res.line(), flush=True)
+        return 1 if failed else 0
+    except BoltzCPError as e:
+        print(f"boltz_cp.parity: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
