@@ -1,0 +1,187 @@
+"""CP twins of upstream's triangle attention (AF2 Algorithms 13 / 14) on a square p x p mesh.
+
+Placements (mesh axes cp_i, cp_j): x [B, N, N, C_z] PAIR in/out; mask [B, N, N] PAIR (the
+pair mask). N is padded to layout.n_padded; pad tokens (index >= layout.n) are excluded as
+keys outright, so every output position < N equals upstream's; outputs at pad positions are
+finite and meaningless.
+Communication per call, on rank (r, c) of a p x p mesh (p > 1), with n = n_padded / p,
+kv = [B, n, n, 2*H*c_hidden + 1] (k, v and the mask tile, compute dtype) and
+bias = [B, n, n, H]:
+    1 transpose of the bias tile (0 on the diagonal r == c);
+    skews: 1 of kv when its shift is non-zero + 1 of bias when its shift is non-zero
+        (starting node: kv on ring_j by -r, bias on ring_i by -c; ending node: kv on ring_i
+        by -c, bias on ring_j by -r), i.e. [r != 0] + [c != 0] messages;
+    2(p - 1) ring shifts: p - 1 of kv (starting: ring_j, ending: ring_i) and p - 1 of bias
+        (the other ring).
+    No message on 1 x 1. E.g. 2 x 2, starting or ending node, ranks 0..3: (transpose, skew,
+    ring_shift) = (0,0,2), (1,1,2), (1,1,2), (0,2,2); 3 x 3, rank 4 = (1,1): (0,2,4).
+Upstream twin: boltz/model/layers/triangular_attention/attention.py TriangleAttention
+(= TriangleAttentionStartingNode) and TriangleAttentionEndingNode.
+
+Algorithm (starting node; for each row i, query (i, j) attends keys (i, k) with bias
+b[j, k] = linear(layer_norm(z))[j, k] and mask bias inf * (mask[i, k] - 1)). Rank (r, c)
+keeps its queries z[I_r, J_c]. It needs, for every key block m, k/v/mask[I_r, J_m] (owned by
+(r, m), same tile row) and b[J_c, J_m] (computed on (c, m)). Cannon's schedule delivers both
+in step: after one transpose exchange rank (r, c) holds b[J_c, J_r]; skewing kv by -r along
+ring_j and the bias by -c along ring_i makes step s use block m = (r + c + s) mod p for both,
+and each further step shifts both by -1 on their rings. (A skew is unavoidable: without it
+all ranks of tile column c would need the same bias block at the same step, a broadcast.)
+The next step's shifts are posted before the current block is computed, so they overlap.
+Partial results merge with an online softmax (`boltz_cp.layers._softmax`), in at least fp32.
+The ending node is the starting node of z^T: the tile is transposed locally (rank (r, c) then
+holds tile (c, r) of z^T) and the rings swap roles; z is never transposed globally.
+
+Memory per rank: O(n^2) tiles (q, k, v, the output accumulator, two kv and two bias buffers)
+plus the score block of one query-row chunk, [B, rows, H, n, n]; no tensor has a full N dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from boltz.model.layers.triangular_attention import attention as upstream
+from boltz_cp.distributed import (
+    PAIR,
+    Pending,
+    TokenLayout,
+    check_placements,
+    ring_shift,
+    skew,
+    transpose_exchange,
+)
+from boltz_cp.layers import _softmax
+from boltz_cp.layers._dtensor import like
+
+# Default query-row chunk: rows such that one score block [B, rows, H, n, n] holds about
+# this many elements (upstream chunks rows the same way; results do not depend on it).
+SCORE_BLOCK_ELEMENTS = 1 << 24
+
+
+def _linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, layer.weight.to(x.dtype), bias)
+
+
+def _ready(x: torch.Tensor) -> Pending:
+    """A finished 'transfer' holding x itself (no copy, no message)."""
+    return Pending(x, [])
+
+
+class _TriangleAttentionCP:
+    """The CP forward shared by both nodes (mixed into the upstream classes)."""
+
+    def forward(self, x: DTensor, mask: DTensor, layout: TokenLayout,  # type: ignore[override]
+                chunk_size: int | None = None) -> DTensor:
+        """Triangle attention update of x (no residual), [B, N, N, C_z] PAIR.
+
+        chunk_size: query rows per score block (None: from SCORE_BLOCK_ELEMENTS).
+        """
+        name = type(self).__name__
+        check_placements(f"{name}.x", x, PAIR)
+        check_placements(f"{name}.mask", mask, PAIR)
+        mesh = layout.mesh
+        mesh.require_square(name)
+        x_tile, mask_tile = x.to_local(), mask.to_local()
+        if x_tile.shape[1:3] != mask_tile.shape[1:3] or x_tile.shape[1] != x_tile.shape[2]:
+            raise ValueError(f"{name}: tiles x {tuple(x_tile.shape)} and mask "
+                             f"{tuple(mask_tile.shape)} are not matching square tiles")
+        # Ending node = starting node on z^T: local transpose, rings swap roles.
+        kv_ring, bias_ring = ("j", "i") if self.starting else ("i", "j")
+        if not self.starting:
+            x_tile, mask_tile = x_tile.transpose(1, 2), mask_tile.transpose(1, 2)
+        dtype = _softmax.compute_dtype(x_tile.dtype)
+        with torch.autocast(x_tile.device.type, enabled=False):
+            out = _attend(self, x_tile.to(dtype), mask_tile.to(dtype), layout, kv_ring,
+                          bias_ring, chunk_size)
+        if not self.starting:
+            out = out.transpose(1, 2)
+        return like(x, out.to(x_tile.dtype).contiguous())
+
+
+def _attend(mod, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, kv_ring: str,
+            bias_ring: str, chunk_size: int | None) -> torch.Tensor:
+    """Starting-node attention of my tile x [B, n, n, C] (query rows i, query cols j)."""
+    mesh = layout.mesh
+    p = mesh.rows
+    r, c = mesh.coord
+    heads, width = mod.no_heads, mod.c_hidden
+    hd = heads * width
+    bsz, n = x.shape[0], x.shape[1]
+
+    ln = mod.layer_norm
+    x_ln = F.layer_norm(x, ln.c_in, ln.weight.to(x.dtype), ln.bias.to(x.dtype), ln.eps)
+    att = mod.mha
+
+    # kv tile: [k | v | mask] in one buffer, so it travels as one message.
+    w_kv = torch.cat([att.linear_k.weight, att.linear_v.weight]).to(x.dtype)
+    w_kv = torch.cat([w_kv, w_kv.new_zeros(1, w_kv.shape[1])])
+    kv_tile = F.linear(x_ln, w_kv)
+    kv_tile[..., -1] = mask
+    pending_kv = _skew(kv_tile, mesh, kv_ring)
+    del kv_tile
+
+    # Triangle bias of my tile, b[I, J] [B, n, n, H]; the partner sends me b of tile (c, r).
+    bias_tile = _linear(mod.linear, x_ln)
+    bias_t = bias_tile if r == c else transpose_exchange(bias_tile, mesh).wait()
+    del bias_tile
+    pending_bias = _skew(bias_t, mesh, bias_ring)
+    del bias_t
+
+    # [B, n_i, H, n_j, d], scaled as upstream does.
+    q = _linear(att.linear_q, x_ln).view(bsz, n, n, heads, width).permute(0, 1, 3, 2, 4)
+    q = q / math.sqrt(width)
+    state = _softmax.SoftmaxState.empty((bsz, n, heads), n, width, x.dtype, x.device)
+
+    rows = chunk_size or max(1, SCORE_BLOCK_ELEMENTS // max(1, bsz * heads * n * n))
+    for step in range(p):
+        kv_m, bias_m = pending_kv.wait(), pending_bias.wait()
+        if step < p - 1:  # post the next block's transfers before computing this one
+            pending_kv = ring_shift(kv_m, mesh, kv_ring, -1)
+            pending_bias = ring_shift(bias_m, mesh, bias_ring, -1)
+        m = (r + c + step) % p
+        valid = min(max(layout.n - m * n, 0), n)  # real keys of block m; the rest are pad
+        if valid == 0:
+            continue
+        # NOTE(parity): pad keys are dropped outright (not given the -inf mask bias).
+        kv_m, bias_m = kv_m[:, :, :valid], bias_m[:, :, :valid]
+        k = kv_m[..., :hd].unflatten(-1, (heads, width)).permute(0, 1, 3, 4, 2)  # [B,i,H,d,k]
+        v = kv_m[..., hd:2 * hd].unflatten(-1, (heads, width)).permute(0, 1, 3, 2, 4)
+        mask_bias = (mod.inf * (kv_m[..., -1] - 1))[:, :, None, None, :]  # [B, i, 1, 1, k]
+        tri_bias = bias_m.permute(0, 3, 1, 2).unsqueeze(1)  # [B, 1, H, j, k]
+        for i0 in range(0, n, rows):
+            i1 = min(i0 + rows, n)
+            # Same association as upstream: (q k^T + mask bias) + triangle bias.
+            scores = torch.matmul(q[:, i0:i1], k[:, i0:i1])
+            scores += mask_bias[:, i0:i1]
+            scores += tri_bias
+            _softmax.merge_(state[:, i0:i1], _softmax.partial(scores, v[:, i0:i1]))
+            del scores
+
+    o = _softmax.finalize(state).permute(0, 1, 3, 2, 4).reshape(bsz, n, n, hd)
+    if att.linear_g is not None:
+        o = o * torch.sigmoid(_linear(att.linear_g, x_ln))
+    return _linear(att.linear_o, o)
+
+
+def _skew(x: torch.Tensor, mesh, ring: str) -> Pending:
+    """Cannon skew of x along ``ring`` (see `boltz_cp.distributed.comm.skew`); no copy when
+    my shift is zero."""
+    r, c = mesh.coord
+    if (r if ring == "j" else c) % mesh.rows == 0:
+        return _ready(x)
+    return skew(x, mesh, ring)
+
+
+class TriangleAttention(_TriangleAttentionCP, upstream.TriangleAttention):
+    """Starting node (Algorithm 13) on PAIR tiles; parameters as upstream."""
+
+
+TriangleAttentionStartingNode = TriangleAttention
+
+
+class TriangleAttentionEndingNode(_TriangleAttentionCP, upstream.TriangleAttentionEndingNode):
+    """Ending node (Algorithm 14) on PAIR tiles; parameters as upstream."""
