@@ -1,0 +1,35 @@
+"""`python -m boltz_cp.parity` as a user runs it. Tier: subprocess, plain and torchrun (gloo)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(cmd, timeout=240):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
+
+
+def test_parity_all_on_2x2_under_torchrun():
+    from boltz_cp.parity.runner import load_cases
+
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+              "-m", "boltz_cp.parity", "all", "--tokens", "7"])
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if " tokens=7 mesh=2x2 dtype=float64 " in line]
+    assert len(lines) == len(load_cases()) and all(line.endswith("PASS") for line in lines), r.stdout
+
+
+def test_parity_plain_and_usage_errors():
+    r = _run([sys.executable, "-m", "boltz_cp.parity", "transition_z", "--tokens", "1", "5"])
+    assert r.returncode == 0 and r.stdout.count("mesh=1x1") == 2, r.stdout + r.stderr
+    r = _run([sys.executable, "-m", "boltz_cp.parity", "nonsense"])
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+              "-m", "boltz_cp.parity", "transition_z"])
+    assert r.returncode != 0 and "2 processes is not a square" in r.stderr
