@@ -57,16 +57,16 @@ def test_online_softmax_merges_blocks_exactly():
     values = torch.randn(2, 3, 11, 4, generator=gen, dtype=torch.float64)
     state = _softmax.SoftmaxState.empty((2, 3), 5, 4, torch.float64)
     for blk in ([7, 8, 9, 10], [0, 1, 2], [3, 4, 5, 6]):
-        _softmax.merge_(state[:, 1:], _softmax.partial(scores[:, 1:, :, blk], values[:, 1:, blk]))
-        _softmax.merge_(state[:, :1], _softmax.partial(scores[:, :1, :, blk], values[:, :1, blk]))
+        _softmax.merge_(state[:, 1:], _softmax.partial_(scores[:, 1:, :, blk], values[:, 1:, blk]))
+        _softmax.merge_(state[:, :1], _softmax.partial_(scores[:, :1, :, blk], values[:, :1, blk]))
     expected = torch.nan_to_num(torch.softmax(scores, -1)) @ values
-    torch.testing.assert_close(_softmax.finalize(state), expected)
+    torch.testing.assert_close(_softmax.finalize_(state), expected)
     torch.testing.assert_close(state.lse(), torch.logsumexp(scores, -1))
     half = _softmax.SoftmaxState.empty((2, 3), 5, 4, torch.float64)
-    _softmax.merge_(half, _softmax.partial(scores[..., :6], values[:, :, :6]))
-    other = _softmax.partial(scores[..., 6:], values[:, :, 6:])
-    gathered = _softmax.from_output(_softmax.finalize(other), other.lse())
-    torch.testing.assert_close(_softmax.finalize(_softmax.merge(half, gathered)), expected)
+    _softmax.merge_(half, _softmax.partial_(scores[..., :6], values[:, :, :6]))
+    other = _softmax.partial_(scores[..., 6:], values[:, :, 6:])
+    gathered = _softmax.from_output(_softmax.finalize_(other), other.lse())
+    torch.testing.assert_close(_softmax.finalize_(_softmax.merge(half, gathered)), expected)
     assert _softmax.SoftmaxState.empty((1,), 1, 1, torch.bfloat16).acc.dtype == torch.float32
 
 

@@ -52,12 +52,17 @@ class SoftmaxState:
         return self.max + torch.log(self.sum)
 
 
-def partial(scores: torch.Tensor, values: torch.Tensor) -> SoftmaxState:
-    """The partial state of one key block: scores [..., Q, K], values [..., K, D]."""
+def partial_(scores: torch.Tensor, values: torch.Tensor) -> SoftmaxState:
+    """The partial state of one key block: scores [..., Q, K], values [..., K, D].
+
+    Overwrites `scores` with the unnormalised probabilities (when it is already in the compute
+    dtype): the score block is the largest transient of an attention step, and a copy would
+    double it.
+    """
     dtype = compute_dtype(torch.promote_types(scores.dtype, values.dtype))
-    scores = scores.to(dtype)
-    m = scores.amax(dim=-1)
-    p = torch.exp(scores - _finite(m).unsqueeze(-1))
+    p = scores.to(dtype)
+    m = p.amax(dim=-1)
+    p.sub_(_finite(m).unsqueeze(-1)).exp_()
     return SoftmaxState(m, p.sum(dim=-1), torch.matmul(p, values.to(dtype)))
 
 
@@ -88,12 +93,14 @@ def merge(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
     return merge_(out, b)
 
 
-def finalize(state: SoftmaxState) -> torch.Tensor:
-    """softmax(scores) @ values, [..., Q, D]; zeros for queries that saw no key."""
+def finalize_(state: SoftmaxState) -> torch.Tensor:
+    """softmax(scores) @ values, [..., Q, D]; zeros for queries that saw no key.
+
+    Normalises `state.acc` in place and returns it (max and sum, hence `lse`, stay valid).
+    """
     seen = state.sum > 0
     denom = torch.where(seen, state.sum, torch.ones_like(state.sum))
-    return torch.where(seen.unsqueeze(-1), state.acc / denom.unsqueeze(-1),
-                       torch.zeros_like(state.acc))
+    return state.acc.div_(denom.unsqueeze(-1)).masked_fill_(~seen.unsqueeze(-1), 0.0)
 
 
 def _finite(m: torch.Tensor) -> torch.Tensor:

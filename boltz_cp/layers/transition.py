@@ -13,9 +13,10 @@ from torch.distributed.tensor import DTensor
 from boltz.model.layers.transition import Transition as _UpstreamTransition
 from boltz_cp.layers._dtensor import like
 
-# Tiles with more rows than this are transformed in hidden-dim chunks (the 4x hidden
-# activation of a large pair tile would otherwise dominate peak memory).
-CHUNK_ROWS = 1 << 16
+# The 4x hidden activation is built CHUNK_HIDDEN channels at a time, on every tile size, so
+# the transient memory is a fixed fraction of the tile (a size threshold would make small
+# tiles, i.e. large meshes, pay the full 4x). NOTE(parity): the chunked sum reorders fc3's
+# contraction (round-off only), as upstream's own chunked inference path does.
 CHUNK_HIDDEN = 128
 
 
@@ -25,7 +26,6 @@ class Transition(_UpstreamTransition):
     def forward(self, x: DTensor, chunk_size: int | None = None) -> DTensor:  # type: ignore[override]
         if not isinstance(x, DTensor):
             raise ValueError(f"{type(self).__name__}: expected a DTensor tile, got {type(x).__name__}")
-        local = x.to_local()
-        if chunk_size is None and local[..., 0].numel() > CHUNK_ROWS:
+        if chunk_size is None and self.hidden > CHUNK_HIDDEN:
             chunk_size = CHUNK_HIDDEN
-        return like(x, super().forward(local, chunk_size))
+        return like(x, super().forward(x.to_local(), chunk_size))

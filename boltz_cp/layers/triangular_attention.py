@@ -56,9 +56,10 @@ from boltz_cp.distributed import (
 from boltz_cp.layers import _softmax
 from boltz_cp.layers._dtensor import like
 
-# Default query-row chunk: rows such that one score block [B, rows, H, n, n] holds about
-# this many elements (upstream chunks rows the same way; results do not depend on it).
-SCORE_BLOCK_ELEMENTS = 1 << 24
+# Default query-row chunk: rows such that one score block [B, rows, H, n, n] holds about as
+# many elements as the pair tile itself (times this factor), so the transient memory falls
+# as 1/P with the tile instead of being a fixed cost per rank. Results do not depend on it.
+SCORE_BLOCK_PER_TILE = 1
 
 
 def _linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ class _TriangleAttentionCP:
                 chunk_size: int | None = None) -> DTensor:
         """Triangle attention update of x (no residual), [B, N, N, C_z] PAIR.
 
-        chunk_size: query rows per score block (None: from SCORE_BLOCK_ELEMENTS).
+        chunk_size: query rows per score block (None: from SCORE_BLOCK_PER_TILE).
         """
         name = type(self).__name__
         check_placements(f"{name}.x", x, PAIR)
@@ -136,7 +137,7 @@ def _attend(mod, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, kv_ri
     q = q / math.sqrt(width)
     state = _softmax.SoftmaxState.empty((bsz, n, heads), n, width, x.dtype, x.device)
 
-    rows = chunk_size or max(1, SCORE_BLOCK_ELEMENTS // max(1, bsz * heads * n * n))
+    rows = chunk_size or max(1, SCORE_BLOCK_PER_TILE * x_ln.shape[-1] // heads)
     for step in range(p):
         kv_m, bias_m = pending_kv.wait(), pending_bias.wait()
         if step < p - 1:  # post the next block's transfers before computing this one
@@ -158,10 +159,10 @@ def _attend(mod, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, kv_ri
             scores = torch.matmul(q[:, i0:i1], k[:, i0:i1])
             scores += mask_bias[:, i0:i1]
             scores += tri_bias
-            _softmax.merge_(state[:, i0:i1], _softmax.partial(scores, v[:, i0:i1]))
+            _softmax.merge_(state[:, i0:i1], _softmax.partial_(scores, v[:, i0:i1]))
             del scores
 
-    o = _softmax.finalize(state).permute(0, 1, 3, 2, 4).reshape(bsz, n, n, hd)
+    o = _softmax.finalize_(state).permute(0, 1, 3, 2, 4).reshape(bsz, n, n, hd)
     if att.linear_g is not None:
         o = o * torch.sigmoid(_linear(att.linear_g, x_ln))
     return _linear(att.linear_o, o)
