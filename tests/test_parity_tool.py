@@ -33,3 +33,18 @@ def test_parity_plain_and_usage_errors():
     r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
               "-m", "boltz_cp.parity", "transition_z"])
     assert r.returncode != 0 and "2 processes is not a square" in r.stderr
+
+
+def _all_float32_full(mesh, n):
+    from boltz_cp.parity.runner import load_cases, run_case
+
+    return [run_case(name, mesh, n, dtype="float32", preset="full").line() for name in sorted(load_cases())]
+
+
+def test_parity_all_float32_full_width_on_2x2(run_on_mesh):
+    """Issue bar: every module at Boltz-2 widths, N=64, 2x2, float32 no worse than serial float32."""
+    results = run_on_mesh(_all_float32_full, 2, 2, 64, timeout=600)
+    lines = results[0]
+    assert all(r == lines for r in results), "ranks disagree"
+    failed = [line for line in lines if not line.endswith("PASS")]
+    assert not failed, "\n".join(failed)

@@ -95,13 +95,15 @@ class CaseResult:
     max_rel_err: float
     passed: bool
     detail: str = ""
+    serial_abs_err: float | None = None  # float32: upstream's own float32 error, for scale
 
     def line(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         extra = f" ({self.detail})" if self.detail and not self.passed else ""
+        serial = "" if self.serial_abs_err is None else f" serial_max_abs_err={self.serial_abs_err:.3e}"
         return (
             f"{self.name} tokens={self.n} mesh={self.mesh} dtype={self.dtype} "
-            f"max_abs_err={self.max_abs_err:.3e} max_rel_err={self.max_rel_err:.3e} {verdict}{extra}"
+            f"max_abs_err={self.max_abs_err:.3e} max_rel_err={self.max_rel_err:.3e}{serial} {verdict}{extra}"
         )
 
 
@@ -162,4 +164,4 @@ def run_case(name: str, mesh: CPMesh, n: int, dtype: str = "float64", preset: st
         f"cp p50/p90/p99/max={q_cp.tolist()}/{float(e_cp.max()):.3e} "
         f"serial={q_serial.tolist()}/{float(e_serial.max()):.3e}"
     )
-    return CaseResult(name, n, mesh_name, dtype, abs_err, rel_err, ok, detail)
+    return CaseResult(name, n, mesh_name, dtype, abs_err, rel_err, ok, detail, float(e_serial.max()))
