@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     from boltz_cp.models.checkpoint import PRESETS, describe_preset, make_random_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", type=Path, help="checkpoint file to write (e.g. /tmp/tiny.ckpt)")
+    ap.add_argument("out", type=Path, help="checkpoint file to write (e.g. random-tiny.ckpt)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="architecture (default: tiny)")
     ap.add_argument("--seed", type=int, default=0, help="weights are a deterministic function of the seed")
     args = ap.parse_args(argv)
