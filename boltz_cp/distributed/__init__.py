@@ -21,6 +21,7 @@ from boltz_cp.distributed.runtime import (
     shutdown_distributed,
 )
 from boltz_cp.distributed.tiles import (
+    MSA,
     PAIR,
     SINGLE_BY_I,
     SINGLE_FULL,
@@ -37,7 +38,7 @@ from boltz_cp.distributed.tiles import (
 )
 
 __all__ = [
-    "CPMesh", "DistContext", "MESH_DIM_NAMES", "PAIR", "Pending", "SINGLE_BY_I", "SINGLE_FULL",
+    "CPMesh", "DistContext", "MESH_DIM_NAMES", "MSA", "PAIR", "Pending", "SINGLE_BY_I", "SINGLE_FULL",
     "any_rank_failed", "check_mesh_size", "check_placements", "comm_counters", "convert_rank", "gather_pair",
     "gather_single", "init_distributed", "pad_tokens", "padded_size", "pair_from_tile",
     "parse_mesh", "reset_comm_counters", "ring_shift", "shard_pair", "shard_single",

@@ -29,6 +29,9 @@ from boltz_cp.distributed.mesh import CPMesh
 PAIR: tuple[Placement, ...] = (Shard(1), Shard(2))
 SINGLE_BY_I: tuple[Placement, ...] = (Shard(1), Replicate())
 SINGLE_FULL: tuple[Placement, ...] = (Shard(1), Shard(1))
+# The MSA [B, S, N, C] and msa_mask [B, S, N]: S on cp_i, N on cp_j (rank (r, c) holds
+# m[S_r, N_c]); the same tuple as PAIR, named for what it places.
+MSA: tuple[Placement, ...] = PAIR
 
 
 def check_placements(name: str, dt, expected: Sequence[Placement]) -> None:

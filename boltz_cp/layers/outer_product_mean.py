@@ -1,0 +1,98 @@
+"""CP twin of upstream's outer product mean (MSA -> pair update), a Cannon ring over S.
+
+Placements (mesh axes cp_i, cp_j): m [B, S, N, C_m] MSA in, S on cp_i and N on cp_j (rank
+(r, c) holds m[S_r, N_c]); mask [B, S, N] MSA (msa_mask; padding 0); out [B, N, N, C_z] PAIR
+(the z update). S and N are padded to multiples of ``mesh.token_multiple``; padded rows and
+tokens have mask 0, so they add nothing to the sums, and pad outputs are finite (the bias).
+Square p x p meshes only (ConfigError otherwise).
+Communication per call (s = S/p, n = N/p): one Cannon ring (distributed/cannon.py `align`
+plus p steps) over two operands, a = [proj_a(m) * mask, mask] [B, s, n, c_hidden + 1] and
+b = [proj_b(m) * mask, mask] [B, s, n, c_hidden + 1], in at least fp32: per rank 2(p-1)
+"ring_shift" messages (p-1 on ring_j, p-1 on ring_i), 1 "transpose" message (0 on rank
+(0, 0)), 1 "skew" message (0 on mesh column 0). Per forward on 2x2: 13 messages, on 3x3: 50;
+on 1x1: none. Only O(S * N * c_hidden / P) data moves; the c_hidden^2 outer product never does.
+Upstream twin: boltz/model/layers/outer_product_mean.py OuterProductMean
+
+Algorithm. z[i, j] = proj_o(sum_s a[s, i] (x) b[s, j] / max(1, sum_s mask[s, i] mask[s, j])).
+The sums over s contract S: the tile (r, c) is sum_q A[r, q] B[q, c] with A[r, q] =
+a[S_q, N_r]^T (held by rank (q, r): the transposed operand) and B[q, c] = b[S_q, N_c] (held by
+rank (q, c)). The mask travels as one extra channel of each operand, so the normaliser
+sum_s mask[s, i] mask[s, j] is accumulated by the same ring. proj_o is linear, so each Cannon
+step projects its partial outer product at once, in chunks of ``chunk_size`` a-channels: the
+[n, n, c_hidden^2] tensor is never built whole, and chunking costs no extra messages.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from boltz.model.layers.outer_product_mean import OuterProductMean as _UpstreamOuterProductMean
+from boltz_cp.distributed import MSA, PAIR, TokenLayout, check_placements, pair_from_tile, ring_shift
+from boltz_cp.distributed.cannon import align
+
+# Above this many elements of the per-step outer product [B, n, n, c_hidden^2], project it in
+# chunks of CHUNK_CHANNELS a-channels (upstream uses 4 at large N).
+CHUNK_ELEMENTS = 1 << 24
+CHUNK_CHANNELS = 4
+
+
+class OuterProductMean(_UpstreamOuterProductMean):
+    """Outer product mean on MSA tiles; same parameters as upstream (norm, proj_a, proj_b, proj_o)."""
+
+    def forward(self, m: DTensor, mask: DTensor, layout: TokenLayout,  # type: ignore[override]
+                chunk_size: int | None = None) -> DTensor:
+        """m [B, S, N, C_m] MSA, mask [B, S, N] MSA -> z update [B, N, N, C_z] PAIR.
+
+        ``chunk_size``: a-channels projected at a time (default: all, or CHUNK_CHANNELS when
+        the per-step outer product would exceed CHUNK_ELEMENTS). Does not change the messages.
+        """
+        name = type(self).__name__
+        check_placements(f"{name}.m", m, MSA)
+        check_placements(f"{name}.mask", mask, MSA)
+        mesh = layout.mesh
+        p = mesh.require_square(name)
+        m_tile, mask_tile = m.to_local(), mask.to_local().unsqueeze(-1).to(m.dtype)
+        m_tile = self.norm(m_tile)
+        # NOTE(parity): upstream casts with .float(); promote to at least fp32 so fp64 stays fp64.
+        dtype = torch.promote_types(m_tile.dtype, torch.float32)
+        mask_tile = mask_tile.to(dtype)
+        a_tile = torch.cat([self.proj_a(m_tile).to(dtype) * mask_tile, mask_tile], dim=-1).contiguous()
+        b_tile = torch.cat([self.proj_b(m_tile).to(dtype) * mask_tile, mask_tile], dim=-1).contiguous()
+
+        c = self.c_hidden
+        n_i, n_j = a_tile.shape[2], b_tile.shape[2]
+        if chunk_size is None:
+            big = a_tile.shape[0] * n_i * n_j * c * c > CHUNK_ELEMENTS
+            chunk_size = CHUNK_CHANNELS if big else c
+        # NOTE(parity): upstream projects z.to(m) in m's dtype; here in the promoted dtype.
+        weight = self.proj_o.weight.to(dtype)
+        out = a_tile.new_zeros((a_tile.shape[0], n_i, n_j, weight.shape[0]))
+        num = a_tile.new_zeros((a_tile.shape[0], n_i, n_j))
+
+        def accumulate(a_blk: torch.Tensor, b_blk: torch.Tensor) -> None:
+            """out += proj_o.weight @ sum_s a (x) b; num += sum_s mask (x) mask (one block pair)."""
+            num.add_(torch.einsum("bsi,bsj->bij", a_blk[..., c], b_blk[..., c]))
+            a_val, b_val = a_blk[..., :c], b_blk[..., :c]
+            for i in range(0, c, chunk_size):
+                z = torch.einsum("bsic,bsjd->bijcd", a_val[..., i:i + chunk_size], b_val)
+                out.add_(z.reshape(*z.shape[:3], -1) @ weight[:, i * c:(i + chunk_size) * c].T)
+
+        if p == 1:
+            accumulate(a_tile, b_tile)
+        else:
+            # Cannon over S (see distributed/cannon.py): after the alignment rank (r, c) holds
+            # a[S_k, N_r] and b[S_k, N_c] with k = (r + c) mod p; a then shifts left on ring_j
+            # and b up on ring_i, while the current pair is multiplied (double buffering).
+            pa, pb = align(a_tile, b_tile, mesh, a_transposed=True)
+            a_blk, b_blk = pa.wait(), pb.wait()
+            for step in range(p):
+                if step < p - 1:
+                    na = ring_shift(a_blk, mesh, "j", -1, tag=1)
+                    nb = ring_shift(b_blk, mesh, "i", -1, tag=2)
+                accumulate(a_blk, b_blk)
+                if step < p - 1:
+                    a_blk, b_blk = na.wait(), nb.wait()
+
+        out = out / num.clamp(min=1).unsqueeze(-1) + self.proj_o.bias.to(dtype)
+        return pair_from_tile(out.to(m_tile.dtype), mesh)  # upstream returns m's dtype
