@@ -1,4 +1,4 @@
-"""MSA track CP twins (outer product mean, pair weighted averaging, MSALayer) vs upstream.
+"""MSA track CP twins (outer product mean, pair weighted averaging, MSALayer, MSAModule) vs upstream.
 Tier: no PG (checkpoint keys) and gloo CPU, 1x1 / 2x2 / 3x3.
 
 Parity in float64 on uneven N with whole pad tiles and S not a multiple of the mesh side
@@ -18,7 +18,7 @@ from parity_helpers import assert_parity
 CASES = ["outer_product_mean", "pair_weighted_averaging", "msa_layer"]
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", [*CASES, "msa_module"])
 @pytest.mark.parametrize("side", [1, 2, 3])
 @pytest.mark.parametrize("n", [7, 37])
 def test_msa_parity_float64(run_on_mesh, name, side, n):
@@ -130,14 +130,16 @@ def test_state_dicts_load_strictly():
     from boltz.model.layers.outer_product_mean import OuterProductMean as UpOPM
     from boltz.model.layers.pair_averaging import PairWeightedAveraging as UpPWA
     from boltz.model.modules.trunkv2 import MSALayer as UpMSALayer
+    from boltz.model.modules.trunkv2 import MSAModule as UpMSAModule
 
     from boltz_cp.layers.outer_product_mean import OuterProductMean
     from boltz_cp.layers.pair_averaging import PairWeightedAveraging
-    from boltz_cp.modules.trunkv2 import MSALayer
+    from boltz_cp.modules.trunkv2 import MSALayer, MSAModule
 
     for up_cls, cp_cls, args in [(UpOPM, OuterProductMean, (8, 4, 16)),
                                  (UpPWA, PairWeightedAveraging, (8, 16, 4, 2)),
-                                 (UpMSALayer, MSALayer, (8, 16, 0.0, 0.0, 8, 2))]:
+                                 (UpMSALayer, MSALayer, (8, 16, 0.0, 0.0, 8, 2)),
+                                 (UpMSAModule, MSAModule, (8, 16, 32, 2, 0.0, 0.0, 8, 2))]:
         ref, ours = up_cls(*args), cp_cls(*args)
         assert list(ours.state_dict()) == list(ref.state_dict()), cp_cls.__name__
         ours.load_state_dict(ref.state_dict(), strict=True)
