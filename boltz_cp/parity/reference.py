@@ -2,8 +2,10 @@
 
 Upstream layers call `.float()` inside `forward` (triangle multiplication, attention with pair
 bias, outer product mean): on float64 inputs that silently drops to float32 (~5e-7 off) or
-fails with a mixed-dtype error. `fp64_reference()` makes `.float()` a no-op on float64 tensors
-for the duration of a block, so the reference is a real float64 computation.
+fails with a mixed-dtype error; masks cast with `.float()` become float32 and meet float64
+weights; `linspace` and friends build float32 tensors. `fp64_reference()` makes `.float()` a
+no-op on float64 tensors and a float64 cast on bool / integer ones, and float64 the default
+dtype, for the duration of a block, so the reference is a real float64 computation.
 """
 
 from __future__ import annotations
@@ -20,17 +22,36 @@ _original_float = torch.Tensor.float
 def _float_keep_fp64(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if self.dtype == torch.float64:
         return self
+    if not self.is_floating_point() and not self.is_complex():
+        return self.to(torch.float64)  # masks, one-hots, indices: exact in either dtype
     return _original_float(self, *args, **kwargs)
+
+
+def _keys_in_input_dtype(single, indexing_matrix, W, H):
+    # Upstream's window indexing matrix is a float32 0/1 matrix: exact in float64 too.
+    return _original_single_to_keys(single, indexing_matrix.to(single.dtype), W, H)
 
 
 @contextmanager
 def fp64_reference():
-    """Within the block, `Tensor.float()` leaves float64 tensors unchanged (test/oracle only)."""
+    """Within the block upstream computes in float64 (test/oracle only): `Tensor.float()` leaves
+    float64 tensors unchanged and turns bool / integer tensors into float64; tensors built in the
+    default dtype (e.g. the template distogram's `linspace` boundaries) are float64; the
+    atom-window indexing matrix takes the dtype of the atoms it gathers."""
+    global _original_single_to_keys
+    from boltz.model.modules import encodersv2
+
+    _original_single_to_keys = encodersv2.single_to_keys
+    default_dtype = torch.get_default_dtype()
     torch.Tensor.float = _float_keep_fp64
+    torch.set_default_dtype(torch.float64)
+    encodersv2.single_to_keys = _keys_in_input_dtype
     try:
         yield
     finally:
         torch.Tensor.float = _original_float
+        torch.set_default_dtype(default_dtype)
+        encodersv2.single_to_keys = _original_single_to_keys
 
 
 def randomize_(module: nn.Module, generator: torch.Generator) -> nn.Module:

@@ -12,8 +12,6 @@ fails on it and Boltz-2's featurizer always gives T >= 1.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch.nn.functional import one_hot
 
@@ -68,19 +66,6 @@ def _visibility(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.where(ids == 1, -2.0, ids + 3)
 
 
-@contextmanager
-def default_dtype(dtype: torch.dtype):
-    """Upstream builds its distogram boundaries with `torch.linspace` in the default dtype
-    (float32), which would put float32-rounded boundaries into the float64 oracle; build them
-    in the inputs' dtype instead, as the CP module does. Test-only."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def _feats(x: dict) -> dict:
     return {k: x[k] for k in TEMPLATE_FEATURES}
 
@@ -106,8 +91,7 @@ class TemplateModuleCase:
         return x
 
     def serial(self, module, x):
-        with default_dtype(x["template_cb"].dtype):
-            return {"z": module(x["z"], _feats(x), x["pair_mask"])}
+        return {"z": module(x["z"], _feats(x), x["pair_mask"])}
 
     def cp(self, module, x, layout):
         u = module(layout.shard_pair(x["z"]), _feats(x), layout.shard_pair(x["pair_mask"]), layout)

@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
@@ -63,17 +61,6 @@ def token_features(n: int, generator: torch.Generator, batch: int = 1, cyclic: b
     return {k: torch.stack(v) for k, v in out.items()}
 
 
-@contextmanager
-def exact_features(rel_pos: nn.Module):
-    """Upstream casts its 0/1 one-hot features with `.float()` (float32 even for float64
-    weights, which F.linear rejects): feed them in the weight dtype. Exact, test-only."""
-    handle = rel_pos.linear_layer.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype),))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _feats(x: dict) -> dict:
     return {k: x[k] for k in FEATURES}
 
@@ -94,8 +81,7 @@ class RelPosCase:
         return token_features(n, generator, self.batch, self.cyclic)
 
     def serial(self, module, x):
-        with exact_features(module):
-            return {"z": module(_feats(x))}
+        return {"z": module(_feats(x))}
 
     def cp(self, module, x, layout):
         return {"z": layout.gather_pair(module(*token_blocks(_feats(x), layout), layout))}
@@ -134,9 +120,8 @@ class PairInitCase:
 
     def serial(self, module, x):
         s = x["s_inputs"]
-        with exact_features(module.rel_pos):
-            z = module.z_init_1(s)[:, :, None] + module.z_init_2(s)[:, None, :]
-            return {"z": z + module.rel_pos(_feats(x))}
+        z = module.z_init_1(s)[:, :, None] + module.z_init_2(s)[:, None, :]
+        return {"z": z + module.rel_pos(_feats(x))}
 
     def cp(self, module, x, layout):
         z = outer_sum_init(module.z_init_1, module.z_init_2, layout.shard_single(x["s_inputs"]), layout)
