@@ -1,4 +1,4 @@
-"""CP twins of upstream's trunk modules (Boltz-2): MSALayer and MSAModule.
+"""CP twins of upstream's trunk modules (Boltz-2): MSALayer, MSAModule, ContactConditioning.
 
 Placements (mesh axes cp_i, cp_j): z [B, N, N, C_z] PAIR in/out; m [B, S, N, C_m] MSA in/out
 (S on cp_i, N on cp_j: rank (r, c) holds m[S_r, N_c]); token_mask [B, N, N] PAIR (the pair
@@ -12,7 +12,9 @@ Communication per MSALayer call: pair weighted averaging (2 all-reduces of [B, H
 ring_j and one Cannon ring: 2p messages per rank), MSA transition (none), outer product mean
 (one Cannon ring: 2p messages per rank), PairformerNoSeqLayer (its sublayers' rings).
 MSAModule: 1 transpose_exchange of s_proj(s_inputs[I_r]) [B, N/p, C_m], then its layers.
-Upstream twin: boltz/model/modules/trunkv2.py MSALayer, MSAModule
+ContactConditioning: contact_conditioning [B, N, N, 5] and contact_threshold [B, N, N] PAIR
+in (my tiles), out [B, N, N, C_z] PAIR; per pair, so no communication.
+Upstream twin: boltz/model/modules/trunkv2.py MSALayer, MSAModule, ContactConditioning
 
 The CP layer is built by upstream's __init__ and then has its sublayers replaced by their CP
 twins under the same attribute names, so upstream state dicts load unchanged (strict).
@@ -159,3 +161,17 @@ def _pad_rows(x: Tensor, rows: int) -> Tensor:
         return x
     pad = x.new_zeros((x.shape[0], rows - x.shape[1], *x.shape[2:]))
     return torch.cat([x, pad], dim=1)
+
+
+class ContactConditioning(upstream.ContactConditioning):
+    """Pocket / contact conditioning on my tile: same parameters as upstream (fourier_embedding,
+    encoder, encoding_unspecified, encoding_unselected). Every term is a function of the pair's
+    own features, so upstream's forward applies to the tile unchanged."""
+
+    def forward(self, contact_conditioning: DTensor, contact_threshold: DTensor) -> DTensor:  # type: ignore[override]
+        name = type(self).__name__
+        check_placements(f"{name}.contact_conditioning", contact_conditioning, PAIR)
+        check_placements(f"{name}.contact_threshold", contact_threshold, PAIR)
+        tiles = {"contact_conditioning": contact_conditioning.to_local(),
+                 "contact_threshold": contact_threshold.to_local()}
+        return like(contact_conditioning, super().forward(tiles))

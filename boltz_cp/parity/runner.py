@@ -53,7 +53,8 @@ class Case(Protocol):
         """The CP module holding the same weights (loaded with strict=True)."""
 
     def inputs(self, n: int, preset: Preset, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Full float64 inputs for N tokens (masks with real zeros)."""
+        """Full float64 inputs for N tokens (masks with real zeros). A case built on a real
+        input may ignore n and define ``num_tokens(inputs) -> N`` instead."""
 
     def serial(self, module: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Upstream forward on full tensors."""
@@ -134,10 +135,12 @@ def run_case(name: str, mesh: CPMesh, n: int, dtype: str = "float64", preset: st
     if name not in cases:
         raise KeyError(f"unknown parity module '{name}'; known: {', '.join(sorted(cases))}")
     case, pre = cases[name], PRESETS[preset]
-    layout = TokenLayout(n, mesh)
     gen = torch.Generator().manual_seed(seed)
     upstream64 = randomize_(case.build(pre), gen).double().eval()
     inputs64 = case.inputs(n, pre, gen)
+    if hasattr(case, "num_tokens"):  # a case on a real input fixes N itself
+        n = case.num_tokens(inputs64)
+    layout = TokenLayout(n, mesh)
     with torch.inference_mode():
         with fp64_reference():
             ref = case.serial(upstream64, inputs64)
