@@ -322,19 +322,12 @@ def write_processed(target, path: Path, dirs: ProcessedDirs, max_msa_seqs: int =
     return record
 
 
-def featurize(record, dirs: ProcessedDirs, mol_dir: Path, seed: int, method: str | None = None) -> dict:
-    """Tokenize and featurize one record as upstream's inference dataset does; returns a batch of 1.
-
-    Upstream's featurizer draws the per-residue random rotation of `ref_pos` from torch's global
-    RNG and the conformer choice from `np.random.default_rng(42)`; seeding torch here makes the
-    features a function of `seed` alone.
-    """
-    import numpy as np
-    import torch
+def prepare_tokenized(record, dirs: ProcessedDirs, mol_dir: Path, method: str | None = None):
+    """Load a processed record, tokenize it and gather its molecules, as upstream's inference
+    dataset does: (tokenized, molecules, pocket constraints, contact constraints)."""
     from boltz.data import const
-    from boltz.data.feature.featurizerv2 import Boltz2Featurizer
     from boltz.data.mol import load_canonicals, load_molecules
-    from boltz.data.module.inferencev2 import collate, load_input
+    from boltz.data.module.inferencev2 import load_input
     from boltz.data.tokenize.boltz2 import Boltz2Tokenizer
 
     if method is not None and method.lower() not in const.method_types_ids:
@@ -361,6 +354,23 @@ def featurize(record, dirs: ProcessedDirs, mol_dir: Path, seed: int, method: str
     options = record.inference_options
     pocket = options.pocket_constraints if options is not None else None
     contact = options.contact_constraints if options is not None else None
+    return tokenized, molecules, pocket, contact
+
+
+def featurize(record, dirs: ProcessedDirs, mol_dir: Path, seed: int, method: str | None = None) -> dict:
+    """Tokenize and featurize one record as upstream's inference dataset does; returns a batch of 1.
+
+    Upstream's featurizer draws the per-residue random rotation of `ref_pos` from torch's global
+    RNG and the conformer choice from `np.random.default_rng(42)`; seeding torch here makes the
+    features a function of `seed` alone.
+    """
+    import numpy as np
+    import torch
+    from boltz.data import const
+    from boltz.data.feature.featurizerv2 import Boltz2Featurizer
+    from boltz.data.module.inferencev2 import collate
+
+    tokenized, molecules, pocket, contact = prepare_tokenized(record, dirs, mol_dir, method)
     torch.manual_seed(seed)
     try:
         features = Boltz2Featurizer().process(
