@@ -2,8 +2,10 @@
 
 Tier: no process group (state-dict keys); gloo CPU 1x1 / 2x2 / 3x3 in float64 on a real
 featurized input (two proteins with MSAs, DNA, a CCD ligand, a template, a pocket constraint;
-see boltz_cp/parity/cases/trunk.py), and a 2x2 trunk forward on a few hundred tokens that must
-allocate nothing with two full-size token dims.
+see boltz_cp/parity/cases/trunk.py; the CP side reads `featurize_lean`'s compact features), and
+the data path plus trunk on 2x2 at a few hundred tokens, which must allocate nothing with two
+full-size token dims: neither the featurizing process nor any rank cutting its inputs and running
+the trunk.
 """
 
 from __future__ import annotations
@@ -56,9 +58,9 @@ def _guarded_trunk(mesh, feats):
     torch.manual_seed(0)
     trunk = Boltz2Trunk.from_upstream(build_model(PRESETS["tiny"])).float()
     layout = TokenLayout(feats["token_pad_mask"].shape[1], mesh)
-    inputs = TrunkInputs.cut(feats, layout)
     guard = FullSizeGuard(layout.n_padded)
     with torch.inference_mode(), guard:
+        inputs = TrunkInputs.cut(feats, layout)
         out = trunk(inputs, layout, recycling_steps=1)
     finite = all(torch.isfinite(v.to_local()).all() for v in out.values())
     return guard.violations, finite
@@ -66,10 +68,14 @@ def _guarded_trunk(mesh, feats):
 
 @pytest.fixture(scope="module")
 def guard_features(tmp_path_factory):
+    """`featurize_lean` of a 404-token two-chain protein, itself run under the size guard (the
+    featurizing process must not hold an N x N feature either); tensors only."""
     import random
 
     from boltz_cp.data.ccd import ensure_molecules
-    from boltz_cp.data.inputs import ProcessedDirs, featurize, parse_target, write_processed
+    from boltz_cp.data.features import featurize_lean
+    from boltz_cp.data.inputs import ProcessedDirs, parse_target, write_processed
+    from boltz_cp.parity.guards import FullSizeGuard
 
     folder = tmp_path_factory.mktemp("trunk_guard")
     mol_dir = folder / "mols"
@@ -81,7 +87,10 @@ def guard_features(tmp_path_factory):
                                       b="".join(rng.choice(aa) for _ in range(154))))
     dirs = ProcessedDirs(folder / "processed").make()
     record = write_processed(parse_target(path, mol_dir, 0), path, dirs)
-    batch = featurize(record, dirs, mol_dir, seed=0)
+    guard = FullSizeGuard(404)
+    with guard:
+        batch = featurize_lean(record, dirs, mol_dir, seed=0)
+    assert guard.violations == [], f"featurization allocated full-size tensors: {guard.violations[:5]}"
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 

@@ -6,7 +6,8 @@ featurized batch; the data path may build the same pieces directly):
     token features [B, N] -> feats_i (my row block I_r) and feats_j (my column block J_c);
     MSA features [B, S, N] -> my column block [B, S, N/p] of every row (`msa_column_blocks`);
     pair features token_bonds [B, N, N, 1], type_bonds [B, N, N], contact_conditioning
-      [B, N, N, 5], contact_threshold [B, N, N] -> my tile (PAIR);
+      [B, N, N, 5], contact_threshold [B, N, N] -> my tile (PAIR), built from the compact
+      bond and constraint lists of `featurize_lean` (or cut from upstream's dense features);
     atom features and template features: O(M) / O(T*N), as the embedder and template module take
       them.
 Outputs of `Boltz2Trunk.forward`: s [B, N, C_s] SINGLE_BY_I, z [B, N, N, C_z] PAIR, pdistogram
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from boltz.data import const
+from boltz_cp.data.features import pair_feature_tile
 from boltz_cp.distributed import TokenLayout, pad_tokens, pair_from_tile, single_from_local
 from boltz_cp.layers._dtensor import like
 from boltz_cp.layers.pairformer import PairformerModule
@@ -50,10 +52,31 @@ TOKEN_FEATURES = ("asym_id", "residue_index", "entity_id", "sym_id", "token_inde
 PAIR_FEATURES = ("token_bonds", "type_bonds", "contact_conditioning", "contact_threshold")
 
 
-def _tile(full: Tensor, layout: TokenLayout) -> DTensor:
-    """My tile of a [B, N, N, ...] feature (N real tokens), zero-padded: PAIR."""
-    padded = pad_tokens(full, (1, 2), layout.mesh.token_multiple)
-    return pair_from_tile(padded[:, layout.rows, layout.cols].clone(), layout.mesh)
+def pair_feature_tiles(feats: Mapping[str, Tensor], layout: TokenLayout) -> dict[str, DTensor]:
+    """My tiles of the pair features (zero on pad tokens), as PAIR DTensors.
+
+    From the compact forms of `featurize_lean` when present (built per tile, O(tile + bonds +
+    constraints)); otherwise cut from upstream's dense [B, N, N, ...] features.
+    """
+    n, rows, cols = layout.n, layout.rows, layout.cols
+    if "token_bond_index" in feats:
+        real = pair_feature_tile(feats, slice(min(rows.start, n), min(rows.stop, n)),
+                                 slice(min(cols.start, n), min(cols.stop, n)))
+        h, w = rows.stop - rows.start, cols.stop - cols.start
+        tiles = {k: _pad_tile(real[k], h, w) for k in PAIR_FEATURES}
+    else:
+        tiles = {k: pad_tokens(feats[k], (1, 2), layout.mesh.token_multiple)[:, rows, cols].clone()
+                 for k in PAIR_FEATURES}
+    return {k: pair_from_tile(v, layout.mesh) for k, v in tiles.items()}
+
+
+def _pad_tile(x: Tensor, h: int, w: int) -> Tensor:
+    """Zero-pad dims 1 and 2 of a tile of real tokens up to h x w."""
+    if x.shape[1:3] == (h, w):
+        return x
+    out = x.new_zeros((x.shape[0], h, w, *x.shape[3:]))
+    out[:, :x.shape[1], :x.shape[2]] = x
+    return out
 
 
 @dataclass
@@ -69,18 +92,15 @@ class TrunkInputs:
 
     @classmethod
     def cut(cls, feats: Mapping[str, Tensor], layout: TokenLayout) -> "TrunkInputs":
-        """Cut a featurized batch (upstream's feature dict, N = layout.n tokens) into my pieces.
-
-        NOTE: the pair features are still featurized densely on the host by upstream's featurizer
-        and cut here; building them per tile from the bond and constraint lists is the data path's.
-        """
+        """Cut a featurized batch (N = layout.n tokens) into my pieces: from `featurize_lean`
+        (compact pair and atom maps, nothing N x N) or from upstream's dense features."""
         feats_i, feats_j = token_blocks({k: feats[k] for k in TOKEN_FEATURES}, layout)
         template = {k: v for k, v in feats.items() if k.startswith("template_") or k == "visibility_ids"}
         return cls(
             feats_i=feats_i,
             feats_j=feats_j,
             msa_cols=msa_column_blocks(feats, layout),
-            pair={k: _tile(feats[k], layout) for k in PAIR_FEATURES},
+            pair=pair_feature_tiles(feats, layout),
             embedder=embedder_inputs(feats, layout),
             template=template,
         )
@@ -150,8 +170,8 @@ class Boltz2Trunk(nn.Module):
         z_tile = z_tile + self.token_bonds(pair["token_bonds"].to_local().to(dtype))
         if self.bond_type_feature:
             z_tile = z_tile + self.token_bonds_type(pair["type_bonds"].to_local().long())
-        z_tile = z_tile + self.contact_conditioning(pair["contact_conditioning"],
-                                                    pair["contact_threshold"]).to_local()
+        threshold = pair_from_tile(pair["contact_threshold"].to_local().to(dtype), mesh)  # float32 as featurized
+        z_tile = z_tile + self.contact_conditioning(pair["contact_conditioning"], threshold).to_local()
         z_init = pair_from_tile(z_tile, mesh)
 
         mask_i = inputs.feats_i["token_pad_mask"].to(dtype)

@@ -3,7 +3,8 @@ of upstream `Boltz2` vs `Boltz2Trunk`, same random weights (the `tiny` checkpoin
 the runner's preset), on one real featurized input.
 
 The input (written to a private temp folder, featurized offline with the residue library built
-from biotite's CCD): two protein chains with MSA files, a DNA chain, a CCD ligand, a template
+from biotite's CCD; upstream reads upstream's featurizer output, the CP trunk the compact output
+of `featurize_lean`, with none of the dense N x N / M x N features): two protein chains with MSA files, a DNA chain, a CCD ligand, a template
 for chain A (an mmCIF written by upstream's own writer from chain A's parsed structure, with
 residues spread along a helix so template distances span many bins) and a pocket constraint
 binding the ligand to chain A. `--tokens` does not apply: N is the input's token count.
@@ -80,6 +81,7 @@ def featurized_input() -> dict[str, torch.Tensor]:
     if "feats" in _CACHE:
         return _CACHE["feats"]
     from boltz_cp.data.ccd import ensure_molecules
+    from boltz_cp.data.features import COMPACT_KEYS, featurize_lean
     from boltz_cp.data.inputs import ProcessedDirs, featurize, parse_target, write_processed
 
     folder = Path(tempfile.mkdtemp(prefix="boltz_cp_trunk_case_"))
@@ -93,6 +95,8 @@ def featurized_input() -> dict[str, torch.Tensor]:
     dirs = ProcessedDirs(folder / "processed").make()
     record = write_processed(parse_target(path, mol_dir, SEED), path, dirs)
     batch = featurize(record, dirs, mol_dir, seed=SEED)
+    lean = featurize_lean(record, dirs, mol_dir, seed=SEED)
+    batch.update({k: lean[k] for k in COMPACT_KEYS})
     feats = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()
              if isinstance(v, torch.Tensor)}
     _CACHE["feats"] = feats
@@ -138,9 +142,11 @@ class TrunkCase:
         return {"s": out["s"], "z": out["z"], "pdistogram": out["pdistogram"], "s_inputs": s_inputs}
 
     def cp(self, module, x, layout):
+        from boltz_cp.data.features import DENSE_KEYS
         from boltz_cp.models.trunk import TrunkInputs
 
-        out = module(TrunkInputs.cut(x, layout), layout, recycling_steps=RECYCLING_STEPS)
+        lean = {k: v for k, v in x.items() if k not in DENSE_KEYS}  # no N x N feature reaches CP
+        out = module(TrunkInputs.cut(lean, layout), layout, recycling_steps=RECYCLING_STEPS)
         return {
             "s": layout.gather_single(out["s"]),
             "z": layout.gather_pair(out["z"]),
