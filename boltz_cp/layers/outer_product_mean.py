@@ -31,9 +31,9 @@ from boltz.model.layers.outer_product_mean import OuterProductMean as _UpstreamO
 from boltz_cp.distributed import MSA, PAIR, TokenLayout, check_placements, pair_from_tile, ring_shift
 from boltz_cp.distributed.cannon import align
 
-# Above this many elements of the per-step outer product [B, n, n, c_hidden^2], project it in
-# chunks of CHUNK_CHANNELS a-channels (upstream uses 4 at large N).
-CHUNK_ELEMENTS = 1 << 24
+# The per-step outer product is projected CHUNK_CHANNELS a-channels at a time on every tile size
+# ([B, n, n, 4 * c_hidden]: one z tile's worth at Boltz-2 widths), so the transient is a fixed
+# fraction of the tile; a size threshold left mid-size tiles (2x2 at N=256) unchunked at 8x that.
 CHUNK_CHANNELS = 4
 
 
@@ -44,8 +44,8 @@ class OuterProductMean(_UpstreamOuterProductMean):
                 chunk_size: int | None = None) -> DTensor:
         """m [B, S, N, C_m] MSA, mask [B, S, N] MSA -> z update [B, N, N, C_z] PAIR.
 
-        ``chunk_size``: a-channels projected at a time (default: all, or CHUNK_CHANNELS when
-        the per-step outer product would exceed CHUNK_ELEMENTS). Does not change the messages.
+        ``chunk_size``: a-channels projected at a time (default CHUNK_CHANNELS). Does not change
+        the messages.
         """
         name = type(self).__name__
         check_placements(f"{name}.m", m, MSA)
@@ -63,8 +63,7 @@ class OuterProductMean(_UpstreamOuterProductMean):
         c = self.c_hidden
         n_i, n_j = a_tile.shape[2], b_tile.shape[2]
         if chunk_size is None:
-            big = a_tile.shape[0] * n_i * n_j * c * c > CHUNK_ELEMENTS
-            chunk_size = CHUNK_CHANNELS if big else c
+            chunk_size = min(c, CHUNK_CHANNELS)
         # NOTE(parity): upstream projects z.to(m) in m's dtype; here in the promoted dtype.
         weight = self.proj_o.weight.to(dtype)
         out = a_tile.new_zeros((a_tile.shape[0], n_i, n_j, weight.shape[0]))
