@@ -7,7 +7,6 @@ path must allocate nothing of size N x N.
 
 from __future__ import annotations
 
-import random
 import tracemalloc
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from boltz_cp.data.features import (
     pair_feature_tile,
 )
 from boltz_cp.data.inputs import ProcessedDirs, featurize, parse_target, prepare_tokenized, write_processed
+from boltz_cp.data.synthetic import synthetic_proteins_yaml
 from boltz_cp.errors import InputError
 from boltz_cp.parity.guards import FullSizeGuard
 from data_fixtures import SMALL_A3M, SMALL_YAML
@@ -86,7 +86,6 @@ constraints:
 """
 
 CASES = {"rich": RICH_YAML, "small": SMALL_YAML}
-AMINO = "ACDEFGHIKLMNPQRSTVWY"
 
 
 def _processed(root: Path, name: str, text: str, mol_dir: Path):
@@ -199,21 +198,11 @@ def test_method_and_seed_follow_upstream(tmp_path, boltz_cache):
         featurize_lean(record, dirs, mol_dir, seed=2, method="cryo")
 
 
-def _synthetic_yaml(n_tokens: int, chains: int = 4, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    text = "version: 1\nsequences:\n"
-    for c in range(chains):
-        length = n_tokens // chains + (c < n_tokens % chains)
-        seq = "".join(rng.choice(AMINO) for _ in range(length))
-        text += f"  - protein:\n      id: {chr(65 + c)}\n      sequence: {seq}\n      msa: empty\n"
-    return text
-
-
 def _lean_only(tmp_path: Path, mol_dir: Path, n: int):
     """(prepared inputs, lean features callable) for a synthetic n-token input, imports warm."""
     from boltz_cp.data import features
 
-    record, dirs = _processed(tmp_path, f"synthetic{n}", _synthetic_yaml(n), mol_dir)
+    record, dirs = _processed(tmp_path, f"synthetic{n}", synthetic_proteins_yaml(n), mol_dir)
     featurize_lean(record, dirs, mol_dir, seed=0)  # warm imports and numba: not traced below
     data, molecules, pocket, contact = prepare_tokenized(record, dirs, mol_dir, None)
 

@@ -15,7 +15,7 @@ from parity_helpers import assert_parity, parity_on_mesh
 C_Z, DIM = 16, 16
 
 
-@pytest.mark.parametrize("case", ["template_module", "template_module_t1"])
+@pytest.mark.parametrize("case", ["template_module", "template_module_t1", "template_module_none"])
 @pytest.mark.parametrize("side", [1, 2, 3])
 @pytest.mark.parametrize("n", [7, 37])
 def test_parity(run_on_mesh, case, side, n):

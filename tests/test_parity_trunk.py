@@ -35,18 +35,7 @@ def test_trunk_state_dict_is_upstreams():
 
 # A synthetic two-chain protein input: N = 404 tokens (n_padded 404 on 2x2), above every channel
 # width of the tiny preset (the largest is atom_feature_dim 388), so only token dims can trip.
-GUARD_YAML = """\
-version: 1
-sequences:
-  - protein:
-      id: A
-      sequence: {a}
-      msa: empty
-  - protein:
-      id: B
-      sequence: {b}
-      msa: empty
-"""
+GUARD_TOKENS = 404
 
 
 def _guarded_trunk(mesh, feats):
@@ -68,26 +57,22 @@ def _guarded_trunk(mesh, feats):
 
 @pytest.fixture(scope="module")
 def guard_features(tmp_path_factory):
-    """`featurize_lean` of a 404-token two-chain protein, itself run under the size guard (the
+    """`featurize_lean` of the two-chain protein, itself run under the size guard (the
     featurizing process must not hold an N x N feature either); tensors only."""
-    import random
-
     from boltz_cp.data.ccd import ensure_molecules
     from boltz_cp.data.features import featurize_lean
     from boltz_cp.data.inputs import ProcessedDirs, parse_target, write_processed
+    from boltz_cp.data.synthetic import synthetic_proteins_yaml
     from boltz_cp.parity.guards import FullSizeGuard
 
     folder = tmp_path_factory.mktemp("trunk_guard")
     mol_dir = folder / "mols"
     ensure_molecules(mol_dir, [])
-    rng = random.Random(0)
-    aa = "ACDEFGHIKLMNPQRSTVWY"
     path = folder / "two_chains.yaml"
-    path.write_text(GUARD_YAML.format(a="".join(rng.choice(aa) for _ in range(250)),
-                                      b="".join(rng.choice(aa) for _ in range(154))))
+    path.write_text(synthetic_proteins_yaml(GUARD_TOKENS, chains=2))
     dirs = ProcessedDirs(folder / "processed").make()
     record = write_processed(parse_target(path, mol_dir, 0), path, dirs)
-    guard = FullSizeGuard(404)
+    guard = FullSizeGuard(GUARD_TOKENS)
     with guard:
         batch = featurize_lean(record, dirs, mol_dir, seed=0)
     assert guard.violations == [], f"featurization allocated full-size tensors: {guard.violations[:5]}"
@@ -95,7 +80,7 @@ def guard_features(tmp_path_factory):
 
 
 def test_trunk_allocates_no_full_size_tensor_on_2x2(run_on_mesh, guard_features):
-    assert guard_features["token_pad_mask"].shape[1] == 404
+    assert guard_features["token_pad_mask"].shape[1] == GUARD_TOKENS
     for rank, (violations, finite) in enumerate(run_on_mesh(_guarded_trunk, 2, 2, guard_features, timeout=300)):
         assert violations == [], f"rank {rank} allocated full-size tensors: {violations[:5]}"
         assert finite, f"rank {rank}: non-finite trunk output"

@@ -1,4 +1,5 @@
-"""Parity cases `template_module` (T = 2) and `template_module_t1` (T = 1): TemplateV2Module.
+"""Parity cases `template_module` (T = 2), `template_module_t1` (T = 1) and `template_module_none`
+(T = 1, every mask zero: no template): TemplateV2Module.
 
 Widths: template_dim = token_z // 2 (tiny 8; full 64, Boltz-2's), 2 template blocks, the
 preset's triangle-attention widths. Inputs: CB positions uniform in a 45 A cube (distances
@@ -101,3 +102,17 @@ class TemplateModuleCase:
 @register("template_module_t1")
 class TemplateModuleOneCase(TemplateModuleCase):
     templates = 1
+
+
+@register("template_module_none")
+class TemplateModuleNoneCase(TemplateModuleCase):
+    """No template: Boltz-2's featurizer then gives T = 1 with every mask zero, and upstream's
+    update is exactly zero; the CP module must give exactly zero too (nothing leaks in)."""
+
+    templates = 1
+
+    def inputs(self, n, preset, generator):
+        x = super().inputs(n, preset, generator)
+        for key in ("template_mask", "template_mask_cb", "template_mask_frame"):
+            x[key] = torch.zeros_like(x[key])
+        return x
