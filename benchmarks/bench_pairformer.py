@@ -16,33 +16,12 @@ and sum over ranks of CPU seconds / 1x1 CPU seconds.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-
-def _heap_in_use() -> int:
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
+from _common import TABLE_HEADER, launch, report_forward, table_row
 
 
 def _worker(n: int, dtype_name: str) -> None:
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from boltz_cp.distributed import (
         CPMesh,
@@ -54,16 +33,6 @@ def _worker(n: int, dtype_name: str) -> None:
     )
     from boltz_cp.layers.pairformer import PairformerLayer
     from boltz_cp.parity.reference import randomize_
-
-    class PeakHeap(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.peak = _heap_in_use()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.peak = max(self.peak, _heap_in_use())
-            return out
 
     torch.set_num_threads(1)
     dtype = getattr(torch, dtype_name)
@@ -82,33 +51,8 @@ def _worker(n: int, dtype_name: str) -> None:
     z = pair_from_tile(torch.randn(1, ni, nj, 128, generator=g, dtype=dtype), mesh)
     mask = single_from_local(real_i[None].clone(), mesh)
     pair_mask = pair_from_tile((real_i[:, None] * real_j[None, :])[None].clone(), mesh)
-    with torch.inference_mode():
-        layer(s, z, mask, pair_mask, layout)  # warm-up
-        torch.distributed.barrier()
-        base = _heap_in_use()
-        mode = PeakHeap()
-        t_cpu, t_wall = time.process_time(), time.perf_counter()
-        with mode:
-            out = layer(s, z, mask, pair_mask, layout)
-        t_cpu, t_wall = time.process_time() - t_cpu, time.perf_counter() - t_wall
-        del out
-    mine = {"rank": mesh.rank, "act_bytes": mode.peak - base, "cpu_s": t_cpu, "wall_s": t_wall}
-    every = [None] * mesh.size
-    torch.distributed.all_gather_object(every, mine)  # one writer: ranks' lines would interleave
-    if mesh.rank == 0:
-        print("RESULT " + json.dumps(every), flush=True)
+    report_forward(lambda: layer(s, z, mask, pair_mask, layout), mesh)
     shutdown_distributed()
-
-
-def _run(side: int, n: int, dtype: str) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={side * side}",
-           str(Path(__file__).resolve()), "--worker", "--tokens", str(n), "--dtype", dtype]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"side={side} N={n} failed:\n{proc.stderr[-3000:]}")
-    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    return json.loads(line.split("RESULT ", 1)[1])
 
 
 def main() -> None:
@@ -121,22 +65,13 @@ def main() -> None:
     if args.worker:
         _worker(args.tokens[0], args.dtype)
         return
-    print(f"| N | mesh | max act. MiB/rank | 1x1 MiB / P | mem ratio | sum CPU s | 1x1 CPU s | CPU ratio | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(TABLE_HEADER)
     for n in args.tokens:
         base = None
         for side in args.sides:
-            rows = _run(side, n, args.dtype)
-            mem = max(r["act_bytes"] for r in rows) / 2**20
-            cpu = sum(r["cpu_s"] for r in rows)
-            wall = max(r["wall_s"] for r in rows)
-            if side == 1:
-                base = (mem, cpu)
-            p = side * side
-            ratio_mem = mem / (base[0] / p) if base else float("nan")
-            ratio_cpu = cpu / base[1] if base else float("nan")
-            print(f"| {n} | {side}x{side} | {mem:.1f} | {base[0] / p:.1f} | {ratio_mem:.2f} | {cpu:.2f} | "
-                  f"{base[1]:.2f} | {ratio_cpu:.2f} | {wall:.2f} |", flush=True)
+            row, base = table_row(n, side, launch(__file__, side, ["--tokens", str(n), "--dtype", args.dtype],
+                                                  timeout=3600), base)
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

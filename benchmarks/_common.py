@@ -1,0 +1,99 @@
+"""Shared by the CPU mesh benchmarks: heap sampling, one measured forward per rank, the torchrun
+launch and the ratio table.
+
+Memory: peak of heap bytes in use (glibc mallinfo2, sampled after every aten op) minus the bytes
+in use before the forward (weights and inputs excluded). CPU: process_time of the forward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+REPO = Path(__file__).resolve().parent.parent
+TABLE_HEADER = ("| N | mesh | max act. MiB/rank | 1x1 MiB / P | mem ratio | sum CPU s | 1x1 CPU s | CPU ratio | wall s |\n"
+                "|---|---|---|---|---|---|---|---|---|")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def heap_in_use() -> int:
+    """Bytes the C heap has handed out now (small blocks plus mmapped ones)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class PeakHeap(TorchDispatchMode):
+    """Within the block, ``peak`` is the largest heap_in_use() seen after any aten op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = heap_in_use()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, heap_in_use())
+        return out
+
+
+def report_forward(forward: Callable[[], object], mesh) -> None:
+    """Run ``forward`` once to warm up and once measured on every rank; rank 0 prints one
+    ``RESULT`` line with every rank's activation bytes, CPU and wall seconds."""
+    import torch
+
+    with torch.inference_mode():
+        forward()  # warm-up
+        torch.distributed.barrier()
+        base = heap_in_use()
+        mode = PeakHeap()
+        t_cpu, t_wall = time.process_time(), time.perf_counter()
+        with mode:
+            out = forward()
+        t_cpu, t_wall = time.process_time() - t_cpu, time.perf_counter() - t_wall
+        del out
+    mine = {"rank": mesh.rank, "act_bytes": mode.peak - base, "cpu_s": t_cpu, "wall_s": t_wall}
+    every = [None] * mesh.size
+    torch.distributed.all_gather_object(every, mine)  # one writer: ranks' lines would interleave
+    if mesh.rank == 0:
+        print("RESULT " + json.dumps(every), flush=True)
+
+
+def launch(script: str, side: int, args: list[str], timeout: float = 7200) -> list[dict]:
+    """``torchrun --nproc-per-node side^2 script --worker ARGS`` on CPU (one OpenMP thread per
+    rank); returns the ranks' results."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={side * side}",
+           str(Path(script).resolve()), "--worker", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"side={side} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(line.split("RESULT ", 1)[1])
+
+
+def table_row(n: int, side: int, rows: list[dict], base: tuple[float, float] | None):
+    """(markdown row, 1x1 baseline): max memory per rank and summed CPU against 1x1's."""
+    mem = max(r["act_bytes"] for r in rows) / 2**20
+    cpu = sum(r["cpu_s"] for r in rows)
+    wall = max(r["wall_s"] for r in rows)
+    if side == 1:
+        base = (mem, cpu)
+    if base is None:
+        return f"| {n} | {side}x{side} | {mem:.1f} | n/a | n/a | {cpu:.2f} | n/a | n/a | {wall:.2f} |", base
+    p = side * side
+    return (f"| {n} | {side}x{side} | {mem:.1f} | {base[0] / p:.1f} | {mem / (base[0] / p):.2f} | {cpu:.2f} | "
+            f"{base[1]:.2f} | {cpu / base[1]:.2f} | {wall:.2f} |"), base
