@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from boltz.model.layers import pairformer as upstream
 from boltz_cp.distributed import PAIR, SINGLE_BY_I, TokenLayout, check_placements
 from boltz_cp.errors import ConfigError
+from boltz_cp.layers._dropout import draw_like_upstream_dropout
 from boltz_cp.layers._dtensor import like
 from boltz_cp.layers.attentionv2 import AttentionPairBias
 from boltz_cp.layers.transition import Transition
@@ -39,9 +40,13 @@ def _install_pair_twins(layer: nn.Module, token_z: int, head_width: int, num_hea
 
 
 def _pair_stack(layer: nn.Module, z: DTensor, pair_mask: DTensor, layout: TokenLayout) -> DTensor:
-    """z += each pair sublayer in upstream's order (inference: no dropout)."""
+    """z += each pair sublayer in upstream's order (inference: no dropout, but upstream's dropout
+    draws, so the global RNG advances as in the serial model)."""
     z_tile = z.to_local()
-    for sub in (layer.tri_mul_out, layer.tri_mul_in, layer.tri_att_start, layer.tri_att_end):
+    batch, n = z_tile.shape[0], layout.n
+    for sub, shape in ((layer.tri_mul_out, (batch, n, 1, 1)), (layer.tri_mul_in, (batch, n, 1, 1)),
+                       (layer.tri_att_start, (batch, n, 1, 1)), (layer.tri_att_end, (batch, 1, n, 1))):
+        draw_like_upstream_dropout(shape, z_tile.device)
         z_tile = z_tile + sub(like(z, z_tile), pair_mask, layout).to_local()
     return like(z, z_tile + layer.transition_z(like(z, z_tile)).to_local())
 

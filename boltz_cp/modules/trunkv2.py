@@ -42,6 +42,7 @@ from boltz_cp.distributed import (
     tile_bounds,
     transpose_exchange,
 )
+from boltz_cp.layers._dropout import draw_like_upstream_dropout
 from boltz_cp.layers._dtensor import like
 from boltz_cp.layers.outer_product_mean import OuterProductMean
 from boltz_cp.layers.pair_averaging import PairWeightedAveraging
@@ -65,11 +66,14 @@ class MSALayer(upstream.MSALayer):
         self.outer_product_mean = OuterProductMean(c_in=msa_s, c_hidden=32, c_out=token_z)
 
     def forward(self, z: DTensor, m: DTensor, token_mask: DTensor, msa_mask: DTensor,  # type: ignore[override]
-                layout: TokenLayout) -> tuple[DTensor, DTensor]:
+                layout: TokenLayout, msa_rows: int | None = None) -> tuple[DTensor, DTensor]:
+        """``msa_rows``: the real (unpadded) MSA rows, for upstream's RNG draw (default: m's rows)."""
         check_placements("MSALayer.z", z, PAIR)
         check_placements("MSALayer.m", m, MSA)
         check_placements("MSALayer.token_mask", token_mask, PAIR)
         check_placements("MSALayer.msa_mask", msa_mask, MSA)
+        draw_like_upstream_dropout((m.shape[0], m.shape[1] if msa_rows is None else msa_rows, 1, 1),
+                                   m.to_local().device)
         m_tile = m.to_local() + self.pair_weighted_averaging(m, z, token_mask, layout).to_local()
         m_tile = m_tile + self.msa_transition(like(m, m_tile)).to_local()
         m = like(m, m_tile)
@@ -151,7 +155,7 @@ class MSAModule(upstream.MSAModule):
         m = pair_from_tile(m_tile, mesh)
         msa_mask = pair_from_tile(take("msa_mask").to(dtype), mesh)
         for layer in self.layers:
-            z, m = layer(z, m, pair_mask, msa_mask, layout)
+            z, m = layer(z, m, pair_mask, msa_mask, layout, msa_rows=len(keep))
         return z
 
 
