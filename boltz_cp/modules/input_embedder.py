@@ -33,7 +33,7 @@ from torch.nn.functional import one_hot
 
 from boltz.model.modules.trunkv2 import InputEmbedder as _UpstreamInputEmbedder
 from boltz_cp.distributed import TokenLayout, pad_tokens, single_from_local
-from boltz_cp.distributed.halo import span_reduce
+from boltz_cp.modules.atom_tokens import token_means
 from boltz_cp.modules.atom_windows import AtomWindowPlan, atom_transformer, slice_atoms, window_keys
 
 ATOM_FEATURES = ("ref_pos", "ref_charge", "ref_element", "ref_atom_name_chars", "atom_pad_mask",
@@ -254,16 +254,6 @@ class InputEmbedder(_UpstreamInputEmbedder):
         with torch.autocast("cuda", enabled=False):
             q_to_a = aae.atom_to_token_trans(q)
             ct = torch.promote_types(q_to_a.dtype, torch.float32)
-            q_to_a = q_to_a.to(ct)
-            lo, hi = inputs.spans[mesh.rank]
-            idx = inputs.atom_token
-            # Row hi - lo collects the atoms of no token and is dropped.
-            local = torch.where(idx >= 0, idx - lo, hi - lo)
-            partial = q_to_a.new_zeros(q_to_a.shape[0], hi - lo + 1, q_to_a.shape[-1])
-            partial.scatter_add_(1, local.unsqueeze(-1).expand_as(q_to_a), q_to_a)
-            n_block = inputs.tokens["atom_count"].shape[1]
-            sums = span_reduce(partial[:, :hi - lo], inputs.spans, mesh, n_block).wait()
-            # NOTE(parity): sum then divide; upstream weights each atom by 1/(count + 1e-6)
-            # inside its bmm (round-off only).
-            a = sums / (inputs.tokens["atom_count"].to(ct).unsqueeze(-1) + 1e-6)
+            a = token_means(q_to_a.to(ct), inputs.atom_token, inputs.spans,
+                            inputs.tokens["atom_count"], mesh)
         return a.to(q.dtype)
