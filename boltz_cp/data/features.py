@@ -584,3 +584,36 @@ def dense_rows(lean: dict, name: str, rows: slice = slice(None)) -> torch.Tensor
     key, target = _INDEX_MAPS[name]
     width = lean["asym_id"].shape[1] if target == "tokens" else lean["atom_pad_mask"].shape[1]
     return index_one_hot(lean[key][:, rows], width)
+
+
+# The four pair features of upstream (dense) that a CP rank needs as tiles.
+PAIR_TILE_FEATURES = ("token_bonds", "type_bonds", "contact_conditioning", "contact_threshold")
+
+
+def pair_feature_tiles(feats, layout):
+    """My tiles (layout: a TokenLayout) of the pair features (zero on pad tokens), as PAIR DTensors.
+
+    From the compact forms of `featurize_lean` when present (built per tile, O(tile + bonds +
+    constraints)); otherwise cut from upstream's dense [B, N, N, ...] features.
+    """
+    from boltz_cp.distributed import pad_tokens, pair_from_tile
+
+    n, rows, cols = layout.n, layout.rows, layout.cols
+    if "token_bond_index" in feats:
+        real = pair_feature_tile(feats, slice(min(rows.start, n), min(rows.stop, n)),
+                                 slice(min(cols.start, n), min(cols.stop, n)))
+        h, w = rows.stop - rows.start, cols.stop - cols.start
+        tiles = {k: _pad_tile(real[k], h, w) for k in PAIR_TILE_FEATURES}
+    else:
+        tiles = {k: pad_tokens(feats[k], (1, 2), layout.mesh.token_multiple)[:, rows, cols].clone()
+                 for k in PAIR_TILE_FEATURES}
+    return {k: pair_from_tile(v, layout.mesh) for k, v in tiles.items()}
+
+
+def _pad_tile(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Zero-pad dims 1 and 2 of a tile of real tokens up to h x w."""
+    if x.shape[1:3] == (h, w):
+        return x
+    out = x.new_zeros((x.shape[0], h, w, *x.shape[3:]))
+    out[:, :x.shape[1], :x.shape[2]] = x
+    return out

@@ -11,7 +11,8 @@ featurized batch; the data path may build the same pieces directly):
     atom features and template features: O(M) / O(T*N), as the embedder and template module take
       them.
 Outputs of `Boltz2Trunk.forward`: s [B, N, C_s] SINGLE_BY_I, z [B, N, N, C_z] PAIR, pdistogram
-[B, N, N, 1, num_bins] PAIR, s_inputs [B, N, C_s] SINGLE_BY_I (N padded to layout.n_padded).
+[B, N, N, 1, num_bins] PAIR, s_inputs [B, N, C_s] SINGLE_BY_I, relative_position_encoding
+[B, N, N, C_z] PAIR (for the diffusion conditioning) (N padded to layout.n_padded).
 Communication per forward: the input embedder's halo exchanges and token reduction; 1 transpose
 (outer sum); per recycle: the template module's, MSA module's and pairformer's rings; 1 transpose
 (distogram). Square meshes only.
@@ -30,8 +31,8 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from boltz.data import const
-from boltz_cp.data.features import pair_feature_tile
-from boltz_cp.distributed import TokenLayout, pad_tokens, pair_from_tile, single_from_local
+from boltz_cp.data.features import pair_feature_tiles
+from boltz_cp.distributed import TokenLayout, pair_from_tile, single_from_local
 from boltz_cp.layers._dtensor import like
 from boltz_cp.layers.pairformer import PairformerModule
 from boltz_cp.modules.encodersv2 import RelativePositionEncoder, outer_sum_init, token_blocks
@@ -49,34 +50,6 @@ TRUNK_MODULES = (
 # Per-token features the relative position encoding and the masks read.
 TOKEN_FEATURES = ("asym_id", "residue_index", "entity_id", "sym_id", "token_index", "cyclic_period",
                   "token_pad_mask")
-PAIR_FEATURES = ("token_bonds", "type_bonds", "contact_conditioning", "contact_threshold")
-
-
-def pair_feature_tiles(feats: Mapping[str, Tensor], layout: TokenLayout) -> dict[str, DTensor]:
-    """My tiles of the pair features (zero on pad tokens), as PAIR DTensors.
-
-    From the compact forms of `featurize_lean` when present (built per tile, O(tile + bonds +
-    constraints)); otherwise cut from upstream's dense [B, N, N, ...] features.
-    """
-    n, rows, cols = layout.n, layout.rows, layout.cols
-    if "token_bond_index" in feats:
-        real = pair_feature_tile(feats, slice(min(rows.start, n), min(rows.stop, n)),
-                                 slice(min(cols.start, n), min(cols.stop, n)))
-        h, w = rows.stop - rows.start, cols.stop - cols.start
-        tiles = {k: _pad_tile(real[k], h, w) for k in PAIR_FEATURES}
-    else:
-        tiles = {k: pad_tokens(feats[k], (1, 2), layout.mesh.token_multiple)[:, rows, cols].clone()
-                 for k in PAIR_FEATURES}
-    return {k: pair_from_tile(v, layout.mesh) for k, v in tiles.items()}
-
-
-def _pad_tile(x: Tensor, h: int, w: int) -> Tensor:
-    """Zero-pad dims 1 and 2 of a tile of real tokens up to h x w."""
-    if x.shape[1:3] == (h, w):
-        return x
-    out = x.new_zeros((x.shape[0], h, w, *x.shape[3:]))
-    out[:, :x.shape[1], :x.shape[2]] = x
-    return out
 
 
 @dataclass
@@ -165,7 +138,8 @@ class Boltz2Trunk(nn.Module):
 
         pair = inputs.pair
         z_tile = outer_sum_init(self.z_init_1, self.z_init_2, s_inputs, layout).to_local()
-        z_tile = z_tile + self.rel_pos(inputs.feats_i, inputs.feats_j, layout).to_local()
+        relpos = self.rel_pos(inputs.feats_i, inputs.feats_j, layout)
+        z_tile = z_tile + relpos.to_local()
         dtype = z_tile.dtype
         z_tile = z_tile + self.token_bonds(pair["token_bonds"].to_local().to(dtype))
         if self.bond_type_feature:
@@ -188,5 +162,6 @@ class Boltz2Trunk(nn.Module):
                 z = like(z, z.to_local() + self.template_module(z, inputs.template, pair_mask, layout).to_local())
             z = like(z, z.to_local() + self.msa_module(z, s_inputs, inputs.msa_cols, pair_mask, layout).to_local())
             s, z = self.pairformer_module(s, z, mask, pair_mask, layout)
-        return {"s": s, "z": z, "pdistogram": self.distogram_module(z, layout), "s_inputs": s_inputs}
+        return {"s": s, "z": z, "pdistogram": self.distogram_module(z, layout), "s_inputs": s_inputs,
+                "relative_position_encoding": relpos}
 

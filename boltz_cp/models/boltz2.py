@@ -1,0 +1,141 @@
+"""Boltz-2 inference on the CP mesh: the trunk, the diffusion conditioning, upstream's sampler
+with the CP score model, and the confidence module, under upstream's attribute names (so an
+upstream checkpoint's state dict loads strictly).
+
+Placements (mesh axes cp_i, cp_j): see boltz_cp/models/trunk.py for the trunk's inputs and
+outputs. Diffusion: s_inputs / s_trunk SINGLE_BY_I, z PAIR; the atom windows per rank
+(modules/atom_windows.py); the sampled coordinates [B*mult, M, 3] are replicated on every rank
+(the sampler runs identically everywhere from the same seed). Confidence: per-pair outputs (pae,
+pde) PAIR, per-token outputs replicated, scalars replicated. `gather_outputs` assembles upstream's
+output dict on the writer rank only.
+Communication per forward: the trunk's; the diffusion conditioning's band gathers; per denoising
+step the score model's halos, token reductions and row merges (no bias tile moves) and one
+all_gather of the coordinates; the confidence pairformer's rings and small all-reduces.
+Upstream twin: boltz/model/models/boltz2.py Boltz2.forward (inference path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from boltz.model.modules.trunkv2 import BFactorModule
+from boltz_cp.distributed import TokenLayout, pair_from_tile, single_from_local
+from boltz_cp.models.trunk import TRUNK_MODULES, Boltz2Trunk, TrunkInputs
+from boltz_cp.modules.atom_diffusion import AtomDiffusion
+from boltz_cp.modules.confidence import ConfidenceInputs, ConfidenceModule
+from boltz_cp.modules.diffusion_conditioning import DiffusionConditioning
+
+MODEL_MODULES = (*TRUNK_MODULES, "diffusion_conditioning", "structure_module", "confidence_module",
+                 "bfactor_module")
+
+
+@dataclass
+class ModelInputs:
+    """One rank's inputs: the trunk's, the confidence module's, and the O(M) atom mask."""
+
+    trunk: TrunkInputs
+    confidence: ConfidenceInputs
+    atom_pad_mask: Tensor
+
+    @classmethod
+    def cut(cls, feats: Mapping[str, Tensor], layout: TokenLayout) -> "ModelInputs":
+        return cls(TrunkInputs.cut(feats, layout), ConfidenceInputs.cut(feats, layout),
+                   feats["atom_pad_mask"])
+
+
+class Boltz2CP(Boltz2Trunk):
+    """Upstream `Boltz2`'s inference modules as CP modules (see the module docstring)."""
+
+    def __init__(self, hparams: Mapping[str, Any]) -> None:
+        super().__init__(hparams)
+        hp = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dict(hparams).items()}
+        sm = hp["score_model_args"]
+        self.diffusion_conditioning = DiffusionConditioning(
+            token_s=hp["token_s"], token_z=hp["token_z"], atom_s=hp["atom_s"], atom_z=hp["atom_z"],
+            atoms_per_window_queries=hp["atoms_per_window_queries"],
+            atoms_per_window_keys=hp["atoms_per_window_keys"],
+            atom_encoder_depth=sm["atom_encoder_depth"], atom_encoder_heads=sm["atom_encoder_heads"],
+            token_transformer_depth=sm["token_transformer_depth"],
+            token_transformer_heads=sm["token_transformer_heads"],
+            atom_decoder_depth=sm["atom_decoder_depth"], atom_decoder_heads=sm["atom_decoder_heads"],
+            atom_feature_dim=hp["atom_feature_dim"],
+            conditioning_transition_layers=sm["conditioning_transition_layers"],
+            use_no_atom_char=hp.get("use_no_atom_char", False),
+            use_atom_backbone_feat=hp.get("use_atom_backbone_feat", False),
+            use_residue_feats_atoms=hp.get("use_residue_feats_atoms", False),
+        )
+        self.structure_module = AtomDiffusion(
+            score_model_args={"token_s": hp["token_s"], "atom_s": hp["atom_s"],
+                              "atoms_per_window_queries": hp["atoms_per_window_queries"],
+                              "atoms_per_window_keys": hp["atoms_per_window_keys"], **sm},
+            **hp.get("diffusion_process_args", {}),
+        )
+        self.confidence_prediction = hp.get("confidence_prediction", False)
+        if self.confidence_prediction:
+            self.confidence_module = ConfidenceModule.from_hparams(hp)
+        self.predict_bfactor = hp.get("predict_bfactor", False)
+        if self.predict_bfactor:
+            self.bfactor_module = BFactorModule(hp["token_s"], hp.get("num_bins", 64))
+        if hp.get("affinity_prediction", False):
+            raise NotImplementedError("the CP model does not predict affinity yet")
+        self.steering_args = hp.get("steering_args")
+
+    @classmethod
+    def from_upstream(cls, model) -> "Boltz2CP":
+        """The CP model of an upstream `Boltz2` (its own hparams), holding the same weights (strict)."""
+        cp = cls(model.hparams)
+        prefixes = tuple(f"{name}." for name in MODEL_MODULES)
+        cp.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}, strict=True)
+        cp.steering_args = model.steering_args
+        return cp.to(next(model.parameters()).dtype).eval()
+
+    def forward(self, inputs: ModelInputs, layout: TokenLayout, recycling_steps: int = 0,  # type: ignore[override]
+                num_sampling_steps: int | None = None, diffusion_samples: int = 1,
+                max_parallel_samples: int | None = None) -> dict[str, Any]:
+        out = super().forward(inputs.trunk, layout, recycling_steps)
+        s, z, s_inputs = out["s"], out["z"], out["s_inputs"]
+        embedder = inputs.trunk.embedder
+        conditioning = self.diffusion_conditioning(s, z, out["relative_position_encoding"], embedder, layout)
+        mesh = layout.mesh
+        token_mask = single_from_local(inputs.trunk.feats_i["token_pad_mask"], mesh)
+        with torch.autocast(z.device.type, enabled=False):
+            struct = self.structure_module.sample(
+                s_trunk=s, s_inputs=s_inputs, feats={"atom_pad_mask": inputs.atom_pad_mask},
+                num_sampling_steps=num_sampling_steps, atom_mask=inputs.atom_pad_mask.to(z.dtype),
+                multiplicity=diffusion_samples, max_parallel_samples=max_parallel_samples,
+                steering_args=self.steering_args, diffusion_conditioning=conditioning, inputs=embedder,
+                layout=layout, token_mask=token_mask)
+        out.update(struct)
+        if self.predict_bfactor:
+            out["pbfactor"] = single_from_local(self.bfactor_module(s.to_local()), mesh)
+        if self.confidence_prediction:
+            logits = pair_from_tile(out["pdistogram"].to_local()[:, :, :, 0], mesh)
+            out.update(self.confidence_module(s_inputs, s, z, out["sample_atom_coords"], inputs.confidence,
+                                              logits, layout, multiplicity=diffusion_samples,
+                                              run_sequentially=True))
+        return out
+
+
+def gather_outputs(out: dict[str, Any], layout: TokenLayout, dst: int | None = 0) -> dict[str, Any] | None:
+    """Upstream's output dict (full tensors, pad tokens dropped) on rank ``dst`` (every rank
+    when dst is None: tests only); None elsewhere.
+
+    PAIR outputs (z, pdistogram, pae, pde) are gathered to ``dst`` only; SINGLE_BY_I ones likewise;
+    replicated tensors and dicts are taken as they are.
+    """
+    from boltz_cp.distributed import PAIR
+
+    full: dict[str, Any] = {}
+    for key, value in out.items():
+        if isinstance(value, DTensor):
+            if tuple(value.placements) == PAIR:
+                value = layout.gather_pair(value, dst)
+            else:
+                value = layout.gather_single(value, dst)
+        full[key] = value
+    return full if dst is None or layout.mesh.rank == dst else None

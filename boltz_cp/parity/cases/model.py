@@ -1,0 +1,79 @@
+"""Parity case `model`: upstream `Boltz2.forward` end to end (trunk, diffusion sampling,
+confidence) vs `Boltz2CP`, same random weights (the `tiny` checkpoint preset), same seed, on the
+real featurized input of the `trunk` case (upstream reads its own featurizer's output, the CP
+model `featurize_lean`'s). Both draw their noise, augmentation rotations and steps from torch's
+global RNG seeded alike, so the sampled coordinates must agree to round-off, not statistically.
+Settings: 1 recycle, 5 sampling steps, 2 diffusion samples (the confidence module runs them one
+after the other, as upstream's predict does), steering off (contact guidance included).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from boltz_cp.parity.cases.trunk import featurized_input
+from boltz_cp.parity.reference import fp64_reference
+from boltz_cp.parity.runner import register
+
+RECYCLING_STEPS, SAMPLING_STEPS, SAMPLES, SEED = 1, 5, 2, 7
+# Upstream's per-pair outputs compared as full matrices; per-sample scalars and per-token values.
+PAIR_OUTPUTS = ("pae", "pde")
+OTHER_OUTPUTS = ("sample_atom_coords", "plddt", "complex_plddt", "complex_iplddt", "complex_pde",
+                 "complex_ipde", "ptm", "iptm", "ligand_iptm", "protein_iptm")
+
+
+def _select(out: dict) -> dict:
+    picked = {k: out[k] for k in (*OTHER_OUTPUTS, *PAIR_OUTPUTS)}
+    for c1, row in out["pair_chains_iptm"].items():
+        for c2, value in row.items():
+            picked[f"pair_chains_iptm[{int(c1)}][{int(c2)}]"] = value
+    return picked
+
+
+@register("model")
+class ModelCase:
+    def build(self, preset):
+        from boltz_cp.models.checkpoint import PRESETS, _upstream_steering_defaults, build_model
+
+        model = build_model(PRESETS["tiny"])
+        model.predict_args = {"recycling_steps": RECYCLING_STEPS, "sampling_steps": SAMPLING_STEPS,
+                              "diffusion_samples": SAMPLES, "max_parallel_samples": None}
+        # No steering: the CP sampler does not feed the potentials yet.
+        model.steering_args = {**_upstream_steering_defaults(), "fk_steering": False,
+                               "physical_guidance_update": False, "contact_guidance_update": False}
+        return model
+
+    def cp_twin(self, upstream):
+        from boltz_cp.models.boltz2 import Boltz2CP
+
+        return Boltz2CP.from_upstream(upstream)
+
+    def inputs(self, n, preset, generator):
+        return dict(featurized_input())
+
+    def num_tokens(self, inputs) -> int:
+        return inputs["token_pad_mask"].shape[1]
+
+    def serial(self, module, x):
+        torch.manual_seed(SEED)
+        out = module(dict(x), recycling_steps=RECYCLING_STEPS, num_sampling_steps=SAMPLING_STEPS,
+                     diffusion_samples=SAMPLES, run_confidence_sequentially=True)
+        return _select(out)
+
+    def cp(self, module, x, layout):
+        from boltz_cp.data.features import DENSE_KEYS
+        from boltz_cp.models.boltz2 import ModelInputs, gather_outputs
+
+        lean = {k: v for k, v in x.items() if k not in DENSE_KEYS}
+        inputs = ModelInputs.cut(lean, layout)
+        # The CP model runs upstream's own sampler, which draws its noise in the default dtype and
+        # aligns with `.float()`: in the float64 run it gets the oracle's float64 semantics too.
+        float64 = next(module.parameters()).dtype == torch.float64
+        with fp64_reference() if float64 else nullcontext():
+            torch.manual_seed(SEED)
+            out = module(inputs, layout, recycling_steps=RECYCLING_STEPS, num_sampling_steps=SAMPLING_STEPS,
+                         diffusion_samples=SAMPLES)
+        full = gather_outputs(out, layout, dst=None)
+        return _select(full)
