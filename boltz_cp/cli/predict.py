@@ -19,13 +19,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from boltz_cp.cli.progress import Progress
 from boltz_cp.distributed.mesh import check_mesh_size
 from boltz_cp.errors import BoltzCPError, ConfigError, InputError
 
-BACKENDS = ("reference", "cp")
+BACKENDS = ("auto", "reference", "cp")
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
 FORMATS = ("mmcif", "pdb")
 DEVICES = ("auto", "cpu", "cuda")
@@ -57,14 +57,23 @@ def validate(cfg: DictConfig) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     mesh = f"{cfg.mesh.rows}x{cfg.mesh.cols}"
     check_mesh_size(cfg.mesh.rows, cfg.mesh.cols, world)  # before any rendezvous: fail fast
+    if cfg.model.backend == "auto":  # resolved here, so the written config names the backend
+        with open_dict(cfg), read_write(cfg):
+            cfg.model.backend = "reference" if world == 1 and mesh == "1x1" else "cp"
     if cfg.model.backend == "reference" and (world != 1 or mesh != "1x1"):
         raise ConfigError(
             f"model.backend=reference runs upstream's serial Boltz-2 on a 1x1 mesh only "
             f"(got mesh={mesh} with {world} process{'es' if world > 1 else ''}); "
-            "run it as a single process with mesh=1x1"
+            "run it as a single process with mesh=1x1, or use model.backend=cp"
         )
     if cfg.model.backend == "cp":
-        raise ConfigError("model.backend=cp is not available yet in this version; use model.backend=reference")
+        if cfg.mesh.rows != cfg.mesh.cols:
+            raise ConfigError(f"model.backend=cp needs a square mesh for now, got mesh={mesh}")
+        if cfg.use_potentials:
+            raise ConfigError("use_potentials=true is not supported with model.backend=cp yet "
+                              "(use model.backend=reference on a 1x1 mesh)")
+        if cfg.precision == "bf16-mixed":
+            raise ConfigError("model.backend=cp runs in fp32 only for now (precision=fp32)")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -147,6 +156,11 @@ def predict(cfg: DictConfig, input_arg: str) -> None:
             msa_overrides={"subsample_msa": cfg.subsample_msa, "num_subsampled_msa": cfg.num_subsampled_msa},
             use_kernels=False,
         )
+        if cfg.model.backend == "cp":
+            from boltz_cp.models.boltz2 import Boltz2CP
+
+            model = Boltz2CP.from_upstream(model)
+            precision = "fp32"
         model.to(ctx.device)
         if info.get("random_preset") and writer_rank:
             log.warn(
@@ -159,7 +173,7 @@ def predict(cfg: DictConfig, input_arg: str) -> None:
 
         for path in todo:
             try:
-                _predict_one(cfg, model, path, out, mol_dir, ctx.device, precision, log, writer_rank)
+                _predict_one(cfg, model, path, out, mol_dir, ctx.device, precision, log, writer_rank, mesh)
             except InputError as e:
                 fail(path, e)
         _finish(failures, files, log, out)
@@ -173,9 +187,11 @@ def _finish(failures: list[str], files: list[Path], log, out: Path) -> None:
     log(f"done: results in {out}")
 
 
-def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, precision, log, writer_rank) -> None:
+def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, precision, log, writer_rank,
+                 mesh) -> None:
     from boltz.data.write.writer import BoltzWriter
 
+    from boltz_cp.data.features import featurize_lean
     from boltz_cp.data.inputs import ProcessedDirs, featurize, parse_target, write_processed
 
     staging = out / f".staging-{path.stem}-{os.getpid()}"
@@ -183,7 +199,8 @@ def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, preci
         log(f"{path.name}: parsing and featurizing")
         dirs = ProcessedDirs(staging / "processed").make()
         record = write_processed(parse_target(path, mol_dir, cfg.seed), path, dirs, cfg.max_msa_seqs)
-        batch = featurize(record, dirs, mol_dir, seed=cfg.seed, method=cfg.method)
+        cp = cfg.model.backend == "cp"
+        batch = (featurize_lean if cp else featurize)(record, dirs, mol_dir, seed=cfg.seed, method=cfg.method)
         n_tokens = int(batch["token_pad_mask"].sum())
         log(f"{record.id}: {n_tokens} tokens, {int(batch['atom_pad_mask'].sum())} atoms")
         if record.affinity:
@@ -192,11 +209,14 @@ def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, preci
         chunk = cfg.max_parallel_samples or cfg.diffusion_samples
         hooks = log.hook_model(model, cfg.recycling_steps, cfg.sampling_steps, -(-cfg.diffusion_samples // chunk))
         try:
-            pred = run_reference(model, batch, cfg.seed, device, precision)
+            if cp:
+                pred = run_cp(model, batch, cfg, mesh, device)
+            else:
+                pred = run_reference(model, batch, cfg.seed, device, precision)
         finally:
             for h in hooks:
                 h.remove()
-        if pred.get("exception"):
+        if pred is not None and pred.get("exception"):
             raise BoltzCPError(f"{record.id}: out of memory on {device} at {n_tokens} tokens")
         if not writer_rank:
             return
@@ -227,6 +247,51 @@ def run_reference(model, batch: dict, seed: int, device: torch.device, precision
     seed_everything(seed, verbose=False)
     with torch.inference_mode(), autocast(precision, device):
         return model.predict_step(batch_to(batch, device), 0)
+
+
+def run_cp(model, batch: dict, cfg, mesh, device: torch.device) -> dict | None:
+    """The CP model on one featurized batch (every rank); upstream's prediction dict on the
+    writer rank (rank 0), None elsewhere. Seeded like `run_reference`, so the same seed samples
+    the same noise as the serial model."""
+    from boltz.model.models.boltz2 import Boltz2
+    from lightning_fabric.utilities.seed import seed_everything
+
+    from boltz_cp.data.inputs import batch_to
+    from boltz_cp.distributed import TokenLayout
+    from boltz_cp.models.boltz2 import ModelInputs, gather_outputs
+
+    batch = batch_to(batch, device)
+    layout = TokenLayout(batch["token_pad_mask"].shape[1], mesh)
+    inputs = ModelInputs.cut(batch, layout)
+    args = model.predict_args
+    seed_everything(cfg.seed, verbose=False)
+    with torch.inference_mode():
+        out = model(inputs, layout, recycling_steps=args["recycling_steps"],
+                    num_sampling_steps=args["sampling_steps"], diffusion_samples=args["diffusion_samples"],
+                    max_parallel_samples=args["max_parallel_samples"])
+        # The trunk's z and the distogram are N x N: gathered to the writer only for embeddings.
+        keep = {k: v for k, v in out.items() if k not in ("pdistogram", "relative_position_encoding")
+                and (cfg.write_embeddings or k != "z")}
+        full = gather_outputs(keep, layout, dst=0)
+    if full is None:
+        return None
+    full.setdefault("z", None)
+    return Boltz2.predict_step(_Finished(full, model), batch, 0)
+
+
+class _Finished:
+    """Stands in for the model inside upstream's `Boltz2.predict_step`, whose post-processing
+    (confidence score, output keys) is reused as is: calling it returns the gathered outputs."""
+
+    def __init__(self, out: dict, model) -> None:
+        self.out = out
+        self.predict_args = model.predict_args
+        self.confidence_prediction = model.confidence_prediction
+        self.alpha_pae = model.alpha_pae
+        self.affinity_prediction = False
+
+    def __call__(self, *args, **kwargs) -> dict:
+        return self.out
 
 
 def _publish(staging: Path, out: Path, record_id: str) -> None:

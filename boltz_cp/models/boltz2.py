@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from boltz.model.modules.trunkv2 import BFactorModule
 from boltz_cp.distributed import TokenLayout, pair_from_tile, single_from_local
+from boltz_cp.errors import ConfigError, InputError
 from boltz_cp.models.trunk import TRUNK_MODULES, Boltz2Trunk, TrunkInputs
 from boltz_cp.modules.atom_diffusion import AtomDiffusion
 from boltz_cp.modules.confidence import ConfidenceInputs, ConfidenceModule
@@ -41,11 +42,15 @@ class ModelInputs:
     trunk: TrunkInputs
     confidence: ConfidenceInputs
     atom_pad_mask: Tensor
+    # Forced contacts / pockets or forced templates: the contact-guidance potentials act.
+    steered: bool = False
 
     @classmethod
     def cut(cls, feats: Mapping[str, Tensor], layout: TokenLayout) -> "ModelInputs":
+        force = feats.get("template_force")  # absent when the input has no template
+        steered = feats["contact_pair_index"].numel() > 0 or (force is not None and bool(force.any()))
         return cls(TrunkInputs.cut(feats, layout), ConfidenceInputs.cut(feats, layout),
-                   feats["atom_pad_mask"])
+                   feats["atom_pad_mask"], steered)
 
 
 class Boltz2CP(Boltz2Trunk):
@@ -84,6 +89,8 @@ class Boltz2CP(Boltz2Trunk):
         if hp.get("affinity_prediction", False):
             raise NotImplementedError("the CP model does not predict affinity yet")
         self.steering_args = hp.get("steering_args")
+        self.predict_args = hp.get("predict_args")
+        self.alpha_pae = hp.get("alpha_pae", 0.0)
 
     @classmethod
     def from_upstream(cls, model) -> "Boltz2CP":
@@ -91,12 +98,13 @@ class Boltz2CP(Boltz2Trunk):
         cp = cls(model.hparams)
         prefixes = tuple(f"{name}." for name in MODEL_MODULES)
         cp.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}, strict=True)
-        cp.steering_args = model.steering_args
+        cp.steering_args, cp.predict_args = model.steering_args, model.predict_args
         return cp.to(next(model.parameters()).dtype).eval()
 
     def forward(self, inputs: ModelInputs, layout: TokenLayout, recycling_steps: int = 0,  # type: ignore[override]
                 num_sampling_steps: int | None = None, diffusion_samples: int = 1,
                 max_parallel_samples: int | None = None) -> dict[str, Any]:
+        steering = self._steering(inputs)
         out = super().forward(inputs.trunk, layout, recycling_steps)
         s, z, s_inputs = out["s"], out["z"], out["s_inputs"]
         embedder = inputs.trunk.embedder
@@ -108,7 +116,7 @@ class Boltz2CP(Boltz2Trunk):
                 s_trunk=s, s_inputs=s_inputs, feats={"atom_pad_mask": inputs.atom_pad_mask},
                 num_sampling_steps=num_sampling_steps, atom_mask=inputs.atom_pad_mask.to(z.dtype),
                 multiplicity=diffusion_samples, max_parallel_samples=max_parallel_samples,
-                steering_args=self.steering_args, diffusion_conditioning=conditioning, inputs=embedder,
+                steering_args=steering, diffusion_conditioning=conditioning, inputs=embedder,
                 layout=layout, token_mask=token_mask)
         out.update(struct)
         if self.predict_bfactor:
@@ -119,6 +127,22 @@ class Boltz2CP(Boltz2Trunk):
                                               logits, layout, multiplicity=diffusion_samples,
                                               run_sequentially=True))
         return out
+
+
+    def _steering(self, inputs: ModelInputs) -> dict:
+        """The sampler's steering switches: all off, which is exact unless a potential would act.
+
+        fk steering and physical guidance (use_potentials) are not supported under CP yet; the
+        contact guidance upstream enables by default acts only on forced contacts / pockets and
+        forced templates, and is a no-op (zero gradient) for any other input.
+        """
+        args = dict(self.steering_args or {})
+        if args.get("fk_steering") or args.get("physical_guidance_update"):
+            raise ConfigError("the CP model does not run steering potentials yet (use_potentials=false)")
+        if args.get("contact_guidance_update") and inputs.steered:
+            raise InputError("forced pocket / contact constraints and forced templates steer the diffusion, "
+                             "which the CP model does not support yet (use model.backend=reference on 1x1)")
+        return {**args, "fk_steering": False, "physical_guidance_update": False, "contact_guidance_update": False}
 
 
 def gather_outputs(out: dict[str, Any], layout: TokenLayout, dst: int | None = 0) -> dict[str, Any] | None:
