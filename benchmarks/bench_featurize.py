@@ -116,10 +116,10 @@ def _measure(work: Path, n_tokens: int, method: str) -> dict:
     baseline = _max_rss_bytes()
     t0 = time.perf_counter()
     feats = fn(record, dirs, mol_dir, seed=0)
-    if shard:
-        pieces = shard_for_mesh(feats, 2)
+    pieces = shard_for_mesh(feats, 2) if shard else []  # alive until the peak is read
     wall = time.perf_counter() - t0
     peak = _max_rss_bytes()
+    del pieces
     nbytes = sum(v.numel() * v.element_size() for v in feats.values() if hasattr(v, "element_size"))
     return {"wall_s": wall, "peak_rss": peak, "baseline_rss": baseline, "feature_bytes": nbytes}
 

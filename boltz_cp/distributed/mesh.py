@@ -17,7 +17,6 @@ before any collective, so they never hang.
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch

@@ -28,7 +28,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from boltz.model.layers.outer_product_mean import OuterProductMean as _UpstreamOuterProductMean
-from boltz_cp.distributed import MSA, PAIR, TokenLayout, check_placements, pair_from_tile, ring_shift
+from boltz_cp.distributed import MSA, TokenLayout, check_placements, pair_from_tile, ring_shift
 from boltz_cp.distributed.cannon import align
 
 # The per-step outer product is projected CHUNK_CHANNELS a-channels at a time on every tile size

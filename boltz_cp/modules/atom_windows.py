@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.functional import one_hot
 
 from boltz_cp.distributed.halo import halo_exchange
 from boltz_cp.distributed.mesh import CPMesh
@@ -184,3 +185,46 @@ def atom_transformer(transformer: nn.Module, q: Tensor, c: Tensor, bias: Tensor,
         a = a + layer.transition(a, s)
         a = layer.post_lnorm(a)
     return a.reshape(bsz, n_loc, dim)
+
+
+def atom_features(enc: nn.Module, atoms: dict[str, Tensor], rows: slice = slice(None)) -> Tensor:
+    """The input of upstream AtomEncoder's embed_atom_features for atoms[:, rows]: reference
+    position, charge, element, atom-name characters, backbone and residue features as the
+    encoder's flags ask (residue features gathered by token index, zero for atoms of no token)."""
+    at = {k: v[:, rows] for k, v in atoms.items()}
+    bsz, n = at["ref_pos"].shape[:2]
+    feats = [at["ref_pos"], at["ref_charge"].unsqueeze(-1), at["ref_element"]]
+    if not enc.use_no_atom_char:
+        feats.append(at["ref_atom_name_chars"].reshape(bsz, n, -1))
+    if enc.use_atom_backbone_feat:
+        feats.append(at["atom_backbone_feat"])
+    if enc.use_residue_feats_atoms:
+        if "atom_has_token" not in at:
+            raise KeyError("use_residue_feats_atoms needs res_type, modified and mol_type in the "
+                           "features given to embedder_inputs")
+        mol = one_hot(at["atom_mol_type"], num_classes=4) * at["atom_has_token"].unsqueeze(-1)
+        feats.append(torch.cat([at["atom_res_type"], at["atom_modified"].unsqueeze(-1), mol], dim=-1))
+    return torch.cat(feats, dim=-1)
+
+
+def window_pair_geometry(enc: nn.Module, atoms: dict[str, Tensor], plan: AtomWindowPlan) -> Tensor:
+    """Upstream AtomEncoder's p before its c and z terms, on my windows: embedded offsets,
+    inverse squared distances and the pair-valid mask (same residue space, both atoms real),
+    [B, windows_per_rank, W, H, atom_z]. ``atoms`` cover my extended range."""
+    bsz, kw, w, h = atoms["ref_pos"].shape[0], plan.windows_per_rank, plan.window_queries, plan.window_keys
+    own = slice(plan.halo, plan.halo + plan.local_atoms)
+
+    def queries(x: Tensor) -> Tensor:
+        return x[:, own].reshape(bsz, kw, w, *x.shape[2:])
+
+    pos = atoms["ref_pos"]
+    d = window_keys(pos, plan).reshape(bsz, kw, 1, h, 3) - queries(pos).reshape(bsz, kw, w, 1, 3)
+    d_norm = 1 / (1 + torch.sum(d * d, dim=-1, keepdim=True))
+    mask = atoms["atom_pad_mask"].bool()
+    uid = atoms["ref_space_uid"]
+    pair_ok = (queries(mask).unsqueeze(-1) & window_keys(mask, plan).unsqueeze(2)
+               & (queries(uid).unsqueeze(-1) == window_keys(uid, plan).unsqueeze(2)))
+    v = pair_ok.to(torch.promote_types(d.dtype, torch.float32)).unsqueeze(-1)
+    p = enc.embed_atompair_ref_pos(d) * v
+    p = p + enc.embed_atompair_ref_dist(d_norm) * v
+    return p + enc.embed_atompair_mask(v.to(enc.embed_atompair_mask.weight.dtype)) * v

@@ -35,14 +35,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
-from torch.nn.functional import one_hot
 
 from boltz.model.modules.diffusion_conditioning import DiffusionConditioning as _UpstreamDiffusionConditioning
 from boltz_cp.distributed import PAIR, SINGLE_BY_I, TokenLayout, check_placements, pair_from_tile
 from boltz_cp.distributed.halo import halo_exchange
 from boltz_cp.distributed.span import gather_pair_block, span_gather
 from boltz_cp.layers.transition import CHUNK_HIDDEN
-from boltz_cp.modules.atom_windows import window_keys
+from boltz_cp.modules.atom_windows import atom_features, window_keys, window_pair_geometry
 from boltz_cp.modules.input_embedder import EmbedderInputs
 
 
@@ -136,21 +135,7 @@ class DiffusionConditioning(_UpstreamDiffusionConditioning):
                                               lambda x: enc.z_to_p_trans(x.to(ct_z)), tag=2)
 
             bsz = at["ref_pos"].shape[0]
-            feats = [at["ref_pos"][:, own], at["ref_charge"][:, own].unsqueeze(-1), at["ref_element"][:, own]]
-            if not enc.use_no_atom_char:
-                feats.append(at["ref_atom_name_chars"][:, own].reshape(bsz, n_loc, -1))
-            if enc.use_atom_backbone_feat:
-                feats.append(at["atom_backbone_feat"][:, own])
-            if enc.use_residue_feats_atoms:
-                if "atom_has_token" not in at:
-                    raise KeyError("DiffusionConditioning: use_residue_feats_atoms needs res_type, "
-                                   "modified and mol_type in the features given to embedder_inputs")
-                # Gathered by token index; atoms of no token get zeros, as bmm with a zero row.
-                has = at["atom_has_token"][:, own].unsqueeze(-1)
-                mol = one_hot(at["atom_mol_type"][:, own], num_classes=4) * has
-                feats.append(torch.cat([at["atom_res_type"][:, own],
-                                        at["atom_modified"][:, own].unsqueeze(-1), mol], dim=-1))
-            q = enc.embed_atom_features(torch.cat(feats, dim=-1))
+            q = enc.embed_atom_features(atom_features(enc, at, own))
 
             # c = q + s_to_c[token of the atom]; upstream's one-hot bmm adds exactly that row
             # (or exact zeros for an atom of no token).
@@ -169,17 +154,7 @@ class DiffusionConditioning(_UpstreamDiffusionConditioning):
             def queries(x: Tensor) -> Tensor:
                 return x[:, own].reshape(bsz, kw, w, *x.shape[2:])
 
-            pos = at["ref_pos"]
-            d = window_keys(pos, plan).reshape(bsz, kw, 1, h, 3) - queries(pos).reshape(bsz, kw, w, 1, 3)
-            d_norm = 1 / (1 + torch.sum(d * d, dim=-1, keepdim=True))
-            mask = at["atom_pad_mask"].bool()
-            uid = at["ref_space_uid"]
-            pair_ok = (queries(mask).unsqueeze(-1) & window_keys(mask, plan).unsqueeze(2)
-                       & (queries(uid).unsqueeze(-1) == window_keys(uid, plan).unsqueeze(2)))
-            v = pair_ok.to(_at_least_fp32(d)).unsqueeze(-1)
-            p = enc.embed_atompair_ref_pos(d) * v
-            p = p + enc.embed_atompair_ref_dist(d_norm) * v
-            p = p + enc.embed_atompair_mask(v.to(enc.embed_atompair_mask.weight.dtype)) * v
+            p = window_pair_geometry(enc, at, plan)
 
             # z_to_p[tok(query), tok(key)] from the fetched band block; 0 where either atom
             # has no token (upstream's one-hot einsum sums exact zeros there).

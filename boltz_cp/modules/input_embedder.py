@@ -29,12 +29,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
-from torch.nn.functional import one_hot
 
 from boltz.model.modules.trunkv2 import InputEmbedder as _UpstreamInputEmbedder
 from boltz_cp.distributed import TokenLayout, pad_tokens, single_from_local
 from boltz_cp.modules.atom_tokens import token_means
-from boltz_cp.modules.atom_windows import AtomWindowPlan, atom_transformer, slice_atoms, window_keys
+from boltz_cp.modules.atom_windows import (
+    AtomWindowPlan,
+    atom_features,
+    atom_transformer,
+    slice_atoms,
+    window_keys,
+    window_pair_geometry,
+)
 
 ATOM_FEATURES = ("ref_pos", "ref_charge", "ref_element", "ref_atom_name_chars", "atom_pad_mask",
                  "ref_space_uid")
@@ -202,38 +208,11 @@ class InputEmbedder(_UpstreamInputEmbedder):
             raise NotImplementedError("InputEmbedder: the atom encoder runs without structure")
         w, h, kw, halo = plan.window_queries, plan.window_keys, plan.windows_per_rank, plan.halo
         with torch.autocast("cuda", enabled=False):
-            bsz, n_ext = at["ref_pos"].shape[:2]
-            feats = [at["ref_pos"], at["ref_charge"].unsqueeze(-1), at["ref_element"]]
-            if not enc.use_no_atom_char:
-                feats.append(at["ref_atom_name_chars"].reshape(bsz, n_ext, -1))
-            if enc.use_atom_backbone_feat:
-                feats.append(at["atom_backbone_feat"])
-            if enc.use_residue_feats_atoms:
-                if "atom_has_token" not in at:
-                    raise KeyError("InputEmbedder: use_residue_feats_atoms needs res_type, modified "
-                                   "and mol_type in the features given to embedder_inputs")
-                # Gathered by token index; atoms of no token get zeros, as bmm with a zero row.
-                mol = one_hot(at["atom_mol_type"], num_classes=4) * at["atom_has_token"].unsqueeze(-1)
-                res = torch.cat([at["atom_res_type"], at["atom_modified"].unsqueeze(-1), mol], dim=-1)
-                feats.append(res)
-            c_ext = enc.embed_atom_features(torch.cat(feats, dim=-1))
+            bsz = at["ref_pos"].shape[0]
+            c_ext = enc.embed_atom_features(atom_features(enc, at))
             missing = ~plan.exists(device=c_ext.device)
             c_ext = c_ext.masked_fill(missing[None, :, None], 0)
-
-            def queries(x: Tensor) -> Tensor:
-                return x[:, halo:halo + plan.local_atoms].reshape(bsz, kw, w, *x.shape[2:])
-
-            pos = at["ref_pos"]
-            d = window_keys(pos, plan).reshape(bsz, kw, 1, h, 3) - queries(pos).reshape(bsz, kw, w, 1, 3)
-            d_norm = 1 / (1 + torch.sum(d * d, dim=-1, keepdim=True))
-            mask = at["atom_pad_mask"].bool()
-            uid = at["ref_space_uid"]
-            pair_ok = (queries(mask).unsqueeze(-1) & window_keys(mask, plan).unsqueeze(2)
-                       & (queries(uid).unsqueeze(-1) == window_keys(uid, plan).unsqueeze(2)))
-            v = pair_ok.to(torch.promote_types(d.dtype, torch.float32)).unsqueeze(-1)
-            p = enc.embed_atompair_ref_pos(d) * v
-            p = p + enc.embed_atompair_ref_dist(d_norm) * v
-            p = p + enc.embed_atompair_mask(_exact(v, enc.embed_atompair_mask.weight)) * v
+            p = window_pair_geometry(enc, at, plan)
 
             c = c_ext[:, halo:halo + plan.local_atoms]
             p = p + enc.c_to_p_trans_q(c.reshape(bsz, kw, w, 1, -1))
