@@ -38,11 +38,13 @@ def few_block_hparams() -> dict:
     return hp
 
 
-def featurize_synthetic(n: int, folder: Path) -> Path:
-    """Featurize a two-chain protein of n tokens; save its tensors to folder/feats.pt."""
+def featurize_synthetic(n: int, folder: Path, lean: bool = False) -> Path:
+    """Featurize a two-chain protein of n tokens (upstream's featurizer, or `featurize_lean`);
+    save its tensors to folder/feats.pt."""
     import torch
 
     from boltz_cp.data.ccd import ensure_molecules
+    from boltz_cp.data.features import featurize_lean
     from boltz_cp.data.inputs import ProcessedDirs, featurize, parse_target, write_processed
 
     rng = random.Random(n)
@@ -59,7 +61,7 @@ def featurize_synthetic(n: int, folder: Path) -> Path:
     ensure_molecules(mol_dir, [])
     dirs = ProcessedDirs(folder / "processed").make()
     record = write_processed(parse_target(yaml, mol_dir, 0), yaml, dirs)
-    batch = featurize(record, dirs, mol_dir, seed=0)
+    batch = (featurize_lean if lean else featurize)(record, dirs, mol_dir, seed=0)
     path = folder / "feats.pt"
     torch.save({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}, path)
     return path

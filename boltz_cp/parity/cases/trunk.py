@@ -13,6 +13,11 @@ Recycling steps: 1 (so the recycling projections run).
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
+import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
@@ -77,30 +82,60 @@ def _write_template(folder: Path, mol_dir: Path) -> Path:
 
 
 def featurized_input() -> dict[str, torch.Tensor]:
-    """The case's featurized batch (tensors only, floating ones in float64); built once per process."""
-    if "feats" in _CACHE:
-        return _CACHE["feats"]
+    """The case's featurized batch (tensors only, floating ones in float64); built once per process.
+
+    Featurizing loads the CCD and RDKit and leaves ~1 GB resident, which every rank of every
+    worker pool would keep: it runs in a child process instead, once per machine and source
+    version (a file lock serialises concurrent ranks), and the ranks load the saved tensors.
+    """
+    if "feats" not in _CACHE:
+        path = _cache_path()
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.exists():
+                subprocess.run([sys.executable, "-c", f"from {__name__} import _featurize_to; "
+                                f"_featurize_to({str(path)!r})"], check=True, capture_output=True)
+        _CACHE["feats"] = torch.load(path)
+    return _CACHE["feats"]
+
+
+def _cache_path() -> Path:
+    """Keyed by this case's and the data path's sources, so a featurizer change never reads stale features."""
+    import boltz
+
+    import boltz_cp.data as data
+
+    digest = hashlib.sha256(boltz.__version__.encode() if hasattr(boltz, "__version__") else b"")
+    for src in sorted([Path(__file__), *Path(data.__file__).parent.glob("*.py")]):
+        digest.update(src.read_bytes())
+    return Path(tempfile.gettempdir()) / f"boltz_cp_trunk_case_{digest.hexdigest()[:16]}.pt"
+
+
+def _featurize_to(out: str) -> None:
+    """Featurize the case's input (upstream's featurizer plus featurize_lean's compact keys) into out."""
     from boltz_cp.data.ccd import ensure_molecules
     from boltz_cp.data.features import COMPACT_KEYS, featurize_lean
     from boltz_cp.data.inputs import ProcessedDirs, featurize, parse_target, write_processed
 
-    folder = Path(tempfile.mkdtemp(prefix="boltz_cp_trunk_case_"))
-    mol_dir = folder / "mols"
-    ensure_molecules(mol_dir, ["EDO"])
-    (folder / "A.a3m").write_text(f">q\n{_A}\n>h1\nMKTAYLAKQRQG\n>h2\nMRTAYIAK-RQG\n>h3\nMKSAYIAKQRHG\n")
-    (folder / "B.a3m").write_text(f">q\n{_B}\n>h1\nGSHMSIFD\n>h2\nGAHMSLFE\n")
-    path = folder / "complex.yaml"
-    path.write_text(_YAML.format(a=_A, b=_B, msa_a=folder / "A.a3m", msa_b=folder / "B.a3m",
-                                 template=_write_template(folder, mol_dir)))
-    dirs = ProcessedDirs(folder / "processed").make()
-    record = write_processed(parse_target(path, mol_dir, SEED), path, dirs)
-    batch = featurize(record, dirs, mol_dir, seed=SEED)
-    lean = featurize_lean(record, dirs, mol_dir, seed=SEED)
+    with tempfile.TemporaryDirectory(prefix="boltz_cp_trunk_case_") as tmp:
+        folder = Path(tmp)
+        mol_dir = folder / "mols"
+        ensure_molecules(mol_dir, ["EDO"])
+        (folder / "A.a3m").write_text(f">q\n{_A}\n>h1\nMKTAYLAKQRQG\n>h2\nMRTAYIAK-RQG\n>h3\nMKSAYIAKQRHG\n")
+        (folder / "B.a3m").write_text(f">q\n{_B}\n>h1\nGSHMSIFD\n>h2\nGAHMSLFE\n")
+        path = folder / "complex.yaml"
+        path.write_text(_YAML.format(a=_A, b=_B, msa_a=folder / "A.a3m", msa_b=folder / "B.a3m",
+                                     template=_write_template(folder, mol_dir)))
+        dirs = ProcessedDirs(folder / "processed").make()
+        record = write_processed(parse_target(path, mol_dir, SEED), path, dirs)
+        batch = featurize(record, dirs, mol_dir, seed=SEED)
+        lean = featurize_lean(record, dirs, mol_dir, seed=SEED)
     batch.update({k: lean[k] for k in COMPACT_KEYS})
     feats = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()
              if isinstance(v, torch.Tensor)}
-    _CACHE["feats"] = feats
-    return feats
+    tmp_out = Path(f"{out}.tmp{os.getpid()}")
+    torch.save(feats, tmp_out)
+    os.replace(tmp_out, out)  # readers never see a partial file
 
 
 @contextmanager
