@@ -50,6 +50,23 @@ class PeakHeap(TorchDispatchMode):
         return out
 
 
+def rank_setup(feats_path: str | None = None):
+    """One OpenMP thread, a gloo process group and the square mesh of torchrun's world; with a
+    saved feature file also its tensors and their TokenLayout. -> (mesh, feats, layout)."""
+    import torch
+
+    from boltz_cp.distributed import CPMesh, TokenLayout, init_distributed
+
+    torch.set_num_threads(1)
+    ctx = init_distributed(1800, "cpu")
+    side = int(round(ctx.world_size**0.5))
+    mesh = CPMesh.build(side, side)
+    if feats_path is None:
+        return mesh, None, None
+    feats = torch.load(feats_path)
+    return mesh, feats, TokenLayout(feats["token_pad_mask"].shape[1], mesh)
+
+
 def report_forward(forward: Callable[[], object], mesh) -> None:
     """Run ``forward`` once to warm up and once measured on every rank; rank 0 prints one
     ``RESULT`` line with every rank's activation bytes, CPU and wall seconds."""

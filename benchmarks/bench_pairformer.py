@@ -17,28 +17,18 @@ from __future__ import annotations
 
 import argparse
 
-from _common import TABLE_HEADER, launch, report_forward, table_row
+from _common import TABLE_HEADER, launch, rank_setup, report_forward, table_row
 
 
 def _worker(n: int, dtype_name: str) -> None:
     import torch
 
-    from boltz_cp.distributed import (
-        CPMesh,
-        TokenLayout,
-        init_distributed,
-        pair_from_tile,
-        shutdown_distributed,
-        single_from_local,
-    )
+    from boltz_cp.distributed import TokenLayout, pair_from_tile, shutdown_distributed, single_from_local
     from boltz_cp.layers.pairformer import PairformerLayer
     from boltz_cp.parity.reference import randomize_
 
-    torch.set_num_threads(1)
     dtype = getattr(torch, dtype_name)
-    ctx = init_distributed(600, "cpu")
-    side = int(round(ctx.world_size**0.5))
-    mesh = CPMesh.build(side, side)
+    mesh, _, _ = rank_setup()
     layout = TokenLayout(n, mesh)
     layer = randomize_(PairformerLayer(384, 128, 16, 0.0, 32, 4, False, True), torch.Generator().manual_seed(0))
     layer = layer.to(dtype).eval()

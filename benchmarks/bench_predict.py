@@ -17,7 +17,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import TABLE_HEADER, launch, report_forward, table_row
+from _common import TABLE_HEADER, launch, rank_setup, report_forward, table_row
 from bench_trunk import featurize_synthetic, few_block_hparams
 
 
@@ -32,17 +32,12 @@ def hparams() -> dict:
 def _worker(feats_path: str, steps: int) -> None:
     import torch
 
-    from boltz_cp.distributed import CPMesh, TokenLayout, init_distributed, shutdown_distributed
+    from boltz_cp.distributed import shutdown_distributed
     from boltz_cp.models.boltz2 import Boltz2CP, ModelInputs
     from boltz_cp.models.checkpoint import _upstream_steering_defaults
     from boltz_cp.parity.reference import randomize_
 
-    torch.set_num_threads(1)
-    ctx = init_distributed(1800, "cpu")
-    side = int(round(ctx.world_size**0.5))
-    mesh = CPMesh.build(side, side)
-    feats = torch.load(feats_path)
-    layout = TokenLayout(feats["token_pad_mask"].shape[1], mesh)
+    mesh, feats, layout = rank_setup(feats_path)
     model = randomize_(Boltz2CP(hparams()), torch.Generator().manual_seed(0)).float().eval()
     model.steering_args = {**_upstream_steering_defaults(), "contact_guidance_update": False}
     inputs = ModelInputs.cut(feats, layout)

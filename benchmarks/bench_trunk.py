@@ -20,7 +20,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from _common import TABLE_HEADER, launch, report_forward, table_row
+from _common import TABLE_HEADER, launch, rank_setup, report_forward, table_row
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 
@@ -70,16 +70,11 @@ def featurize_synthetic(n: int, folder: Path, lean: bool = False) -> Path:
 def _worker(feats_path: str, recycling_steps: int) -> None:
     import torch
 
-    from boltz_cp.distributed import CPMesh, TokenLayout, init_distributed, shutdown_distributed
+    from boltz_cp.distributed import shutdown_distributed
     from boltz_cp.models.trunk import Boltz2Trunk, TrunkInputs
     from boltz_cp.parity.reference import randomize_
 
-    torch.set_num_threads(1)
-    ctx = init_distributed(1800, "cpu")
-    side = int(round(ctx.world_size**0.5))
-    mesh = CPMesh.build(side, side)
-    feats = torch.load(feats_path)
-    layout = TokenLayout(feats["token_pad_mask"].shape[1], mesh)
+    mesh, feats, layout = rank_setup(feats_path)
     trunk = randomize_(Boltz2Trunk(few_block_hparams()), torch.Generator().manual_seed(0)).float().eval()
     inputs = TrunkInputs.cut(feats, layout)
     del feats

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import distributed_harness
-from data_fixtures import boltz_cache, small_input, tiny_ckpt  # noqa: F401  (registers the fixtures)
+from data_fixtures import boltz_cache, guard_features, small_input, tiny_ckpt  # noqa: F401  (registers the fixtures)
 
 
 @pytest.fixture(scope="session")

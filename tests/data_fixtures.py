@@ -57,3 +57,34 @@ def small_input(tmp_path) -> Path:
     path = tmp_path / "small.yaml"
     path.write_text(SMALL_YAML.format(msa=msa))
     return path
+
+
+# A synthetic two-chain protein: N = 404 tokens (n_padded 404 on 2x2), above every channel width
+# of the tiny preset (the largest is atom_feature_dim 388), so only token dims trip a size guard.
+GUARD_TOKENS = 404
+
+
+@pytest.fixture(scope="session")
+def guard_features(tmp_path_factory):
+    """`featurize_lean` of the GUARD_TOKENS-token protein, itself run under the size guard (the
+    featurizing process must not hold an N x N feature either); tensors only."""
+    import torch
+
+    from boltz_cp.data.ccd import ensure_molecules
+    from boltz_cp.data.features import featurize_lean
+    from boltz_cp.data.inputs import ProcessedDirs, parse_target, write_processed
+    from boltz_cp.data.synthetic import synthetic_proteins_yaml
+    from boltz_cp.parity.guards import FullSizeGuard
+
+    folder = tmp_path_factory.mktemp("guard_input")
+    mol_dir = folder / "mols"
+    ensure_molecules(mol_dir, [])
+    path = folder / "two_chains.yaml"
+    path.write_text(synthetic_proteins_yaml(GUARD_TOKENS, chains=2))
+    dirs = ProcessedDirs(folder / "processed").make()
+    record = write_processed(parse_target(path, mol_dir, 0), path, dirs)
+    guard = FullSizeGuard(GUARD_TOKENS)
+    with guard:
+        batch = featurize_lean(record, dirs, mol_dir, seed=0)
+    assert guard.violations == [], f"featurization allocated full-size tensors: {guard.violations[:5]}"
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}

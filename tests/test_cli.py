@@ -229,3 +229,14 @@ def test_cp_backend_refuses_what_it_cannot_do(tmp_path, small_input, boltz_cache
                                                                "model.backend=cp")], timeout=300)
     assert r.returncode == 2 and "forced pocket / contact constraints" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "o2" / "boltz_results_forced" / "predictions" / "forced").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampling_steps=1", "sampling_steps must be at least 2"),
+    ("diffusion_samples=0", "diffusion_samples must be at least 1"),
+    ("model.backend=nope", "model.backend=nope is not one of auto, reference, cp"),
+])
+def test_bad_settings_stop_before_any_work(tmp_path, small_input, override, message):
+    r = _run([sys.executable, "-m", "boltz_cp", "predict", str(small_input), f"out_dir={tmp_path / 'out'}", override])
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data_fixtures import GUARD_TOKENS
 from parity_helpers import assert_parity
 
 
@@ -33,7 +34,6 @@ def test_confidence_state_dict_is_upstreams():
     cp.load_state_dict(model.confidence_module.state_dict(), strict=True)
 
 
-GUARD_TOKENS = 404  # above every channel width of the tiny preset, so only token dims can trip
 
 
 def _guarded_confidence(mesh, feats, hparams):
@@ -61,24 +61,6 @@ def _guarded_confidence(mesh, feats, hparams):
     finite = all(bool(torch.isfinite(v.to_local() if hasattr(v, "to_local") else v).all())
                  for k, v in out.items() if k != "pair_chains_iptm")
     return guard.violations, finite
-
-
-@pytest.fixture(scope="module")
-def guard_features(tmp_path_factory):
-    from boltz_cp.data.ccd import ensure_molecules
-    from boltz_cp.data.features import featurize_lean
-    from boltz_cp.data.inputs import ProcessedDirs, parse_target, write_processed
-    from boltz_cp.data.synthetic import synthetic_proteins_yaml
-
-    folder = tmp_path_factory.mktemp("confidence_guard")
-    mol_dir = folder / "mols"
-    ensure_molecules(mol_dir, [])
-    path = folder / "two_chains.yaml"
-    path.write_text(synthetic_proteins_yaml(GUARD_TOKENS, chains=2))
-    dirs = ProcessedDirs(folder / "processed").make()
-    record = write_processed(parse_target(path, mol_dir, 0), path, dirs)
-    batch = featurize_lean(record, dirs, mol_dir, seed=0)
-    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def test_confidence_allocates_no_full_size_tensor_on_2x2(run_on_mesh, guard_features):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data_fixtures import GUARD_TOKENS
 from parity_helpers import assert_parity
 
 
@@ -33,9 +34,6 @@ def test_trunk_state_dict_is_upstreams():
     assert list(trunk.state_dict()) == upstream_keys
 
 
-# A synthetic two-chain protein input: N = 404 tokens (n_padded 404 on 2x2), above every channel
-# width of the tiny preset (the largest is atom_feature_dim 388), so only token dims can trip.
-GUARD_TOKENS = 404
 
 
 def _guarded_trunk(mesh, feats):
@@ -53,30 +51,6 @@ def _guarded_trunk(mesh, feats):
         out = trunk(inputs, layout, recycling_steps=1)
     finite = all(torch.isfinite(v.to_local()).all() for v in out.values())
     return guard.violations, finite
-
-
-@pytest.fixture(scope="module")
-def guard_features(tmp_path_factory):
-    """`featurize_lean` of the two-chain protein, itself run under the size guard (the
-    featurizing process must not hold an N x N feature either); tensors only."""
-    from boltz_cp.data.ccd import ensure_molecules
-    from boltz_cp.data.features import featurize_lean
-    from boltz_cp.data.inputs import ProcessedDirs, parse_target, write_processed
-    from boltz_cp.data.synthetic import synthetic_proteins_yaml
-    from boltz_cp.parity.guards import FullSizeGuard
-
-    folder = tmp_path_factory.mktemp("trunk_guard")
-    mol_dir = folder / "mols"
-    ensure_molecules(mol_dir, [])
-    path = folder / "two_chains.yaml"
-    path.write_text(synthetic_proteins_yaml(GUARD_TOKENS, chains=2))
-    dirs = ProcessedDirs(folder / "processed").make()
-    record = write_processed(parse_target(path, mol_dir, 0), path, dirs)
-    guard = FullSizeGuard(GUARD_TOKENS)
-    with guard:
-        batch = featurize_lean(record, dirs, mol_dir, seed=0)
-    assert guard.violations == [], f"featurization allocated full-size tensors: {guard.violations[:5]}"
-    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def test_trunk_allocates_no_full_size_tensor_on_2x2(run_on_mesh, guard_features):

@@ -45,8 +45,11 @@ def validate(cfg: DictConfig) -> None:
     for key in ("recycling_steps", "sampling_steps", "diffusion_samples", "seed"):
         if not isinstance(cfg[key], int) or cfg[key] < 0:
             raise ConfigError(f"{key} must be a non-negative integer, got {cfg[key]!r}")
-    if cfg.sampling_steps < 1 or cfg.diffusion_samples < 1:
-        raise ConfigError("sampling_steps and diffusion_samples must be at least 1")
+    if cfg.sampling_steps < 2:
+        # Upstream's EDM schedule divides by sampling_steps - 1: one step gives NaN coordinates.
+        raise ConfigError(f"sampling_steps must be at least 2, got {cfg.sampling_steps}")
+    if cfg.diffusion_samples < 1:
+        raise ConfigError("diffusion_samples must be at least 1")
     if cfg.max_parallel_samples is not None and cfg.max_parallel_samples < 1:
         raise ConfigError("max_parallel_samples must be at least 1 (or null)")
     for key in ("rows", "cols"):
