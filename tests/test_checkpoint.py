@@ -72,6 +72,20 @@ def test_our_loader_accepts_tiny(tiny):
     assert type(model.template_module).__name__ == "TemplateV2Module"
 
 
+def test_loader_builds_the_cp_model_with_the_same_weights(tiny):
+    """cp=True: Boltz2CP straight from the checkpoint (no upstream model), every tensor equal."""
+    from boltz_cp.models.boltz2 import Boltz2CP
+
+    cp, _ = C.load_boltz2(tiny, predict_args=PREDICT, cp=True)
+    upstream, _ = C.load_boltz2(tiny, predict_args=PREDICT)
+    assert isinstance(cp, Boltz2CP) and not cp.training
+    assert cp.predict_args == upstream.predict_args and cp.steering_args == upstream.steering_args
+    ref = upstream.state_dict()
+    got = cp.state_dict()
+    assert sorted(got) == sorted(ref)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
 def test_plain_dict_hparams_load_too(tiny, tmp_path):
     """A checkpoint whose nested hparams are plain dicts (not DictConfigs) loads the same."""
     from omegaconf import DictConfig, OmegaConf

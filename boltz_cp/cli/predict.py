@@ -158,11 +158,9 @@ def predict(cfg: DictConfig, input_arg: str) -> None:
             },
             msa_overrides={"subsample_msa": cfg.subsample_msa, "num_subsampled_msa": cfg.num_subsampled_msa},
             use_kernels=False,
+            cp=cfg.model.backend == "cp",
         )
         if cfg.model.backend == "cp":
-            from boltz_cp.models.boltz2 import Boltz2CP
-
-            model = Boltz2CP.from_upstream(model)
             precision = "fp32"
         model.to(ctx.device)
         if info.get("random_preset") and writer_rank:

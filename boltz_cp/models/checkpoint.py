@@ -644,8 +644,12 @@ def load_boltz2(
     msa_overrides: dict | None = None,
     use_kernels: bool = False,
     map_location="cpu",
+    cp: bool = False,
 ):
     """Build `Boltz2` from the checkpoint's own hyperparameters, load its weights strictly, `.eval()`.
+
+    ``cp=True`` builds the context-parallel `Boltz2CP` instead (same parameter names, loaded
+    strictly from the same state dict), so no rank ever holds upstream's model as well.
 
     Overrides only inference-time knobs:
       * `predict_args` -- replaces the checkpoint's (needs recycling_steps, sampling_steps,
@@ -692,7 +696,12 @@ def load_boltz2(
     hp["ema"] = False
 
     try:
-        model = build_model(hp)
+        if cp:
+            from boltz_cp.models.boltz2 import Boltz2CP
+
+            model = Boltz2CP(hp)
+        else:
+            model = build_model(hp)
     except Exception as e:  # noqa: BLE001 -- hparams that do not build a Boltz2
         raise CheckpointError(
             f"Boltz-2 checkpoint {path}: its hyper_parameters do not build a Boltz2 model "
