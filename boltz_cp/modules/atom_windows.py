@@ -87,6 +87,14 @@ class AtomWindowPlan:
         a0, a1 = self.atoms(rank)
         return a0 - self.halo, a1 + self.halo
 
+    def check(self, who: str, mesh: CPMesh, window_queries: int, window_keys: int) -> None:
+        """ValueError naming ``who`` unless this plan was cut for my rank of ``mesh`` and these windows."""
+        if (self.ranks, self.rank, self.window_queries, self.window_keys) != (
+                mesh.size, mesh.rank, window_queries, window_keys):
+            raise ValueError(f"{who}: inputs were cut for rank {self.rank} of {self.ranks} with "
+                             f"W={self.window_queries}, H={self.window_keys}; this is rank "
+                             f"{mesh.rank} of {mesh.size} with W={window_queries}, H={window_keys}")
+
     def exists(self, extended: bool = True, device=None) -> Tensor:
         """Bool [L + 2h] (or [L]): which positions of my (extended) range are atoms < M."""
         a0, a1 = self.ext() if extended else self.atoms()

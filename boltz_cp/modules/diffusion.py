@@ -84,10 +84,7 @@ class DiffusionModule(_UpstreamDiffusionModule):
             check_placements(f"{name}.token_mask", token_mask, SINGLE_BY_I)
         mesh, plan, mult = layout.mesh, inputs.plan, multiplicity
         w, h = self.atoms_per_window_queries, self.atoms_per_window_keys
-        if (plan.ranks, plan.rank, plan.window_queries, plan.window_keys) != (mesh.size, mesh.rank, w, h):
-            raise ValueError(f"{name}: inputs were cut for rank {plan.rank} of {plan.ranks} with "
-                             f"W={plan.window_queries}, H={plan.window_keys}; this is rank "
-                             f"{mesh.rank} of {mesh.size} with W={w}, H={h}")
+        plan.check(name, mesh, w, h)
         bsz = s_trunk.shape[0]
         bm = bsz * mult
         if s_trunk.shape[1] != layout.n_padded or s_inputs.shape[:2] != s_trunk.shape[:2]:

@@ -76,10 +76,7 @@ class DiffusionConditioning(_UpstreamDiffusionConditioning):
                 raise ValueError(f"{name}: {label} must have {n} (padded) tokens, got {tuple(t.shape)}")
         enc = self.atom_encoder
         w, h = enc.atoms_per_window_queries, enc.atoms_per_window_keys
-        if (plan.ranks, plan.rank, plan.window_queries, plan.window_keys) != (mesh.size, mesh.rank, w, h):
-            raise ValueError(f"{name}: inputs were cut for rank {plan.rank} of {plan.ranks} with "
-                             f"W={plan.window_queries}, H={plan.window_keys}; this is rank "
-                             f"{mesh.rank} of {mesh.size} with W={w}, H={h}")
+        plan.check(name, mesh, w, h)
 
         z_tile = self._condition_pair(z_trunk.to_local(), relative_position_encoding.to_local())
         q, c, p = self._encode_atoms(s_trunk.to_local(), z_tile, inputs, layout)

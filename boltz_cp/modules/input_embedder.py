@@ -164,10 +164,7 @@ class InputEmbedder(_UpstreamInputEmbedder):
         mesh, plan = layout.mesh, inputs.plan
         enc = self.atom_encoder
         w, h = enc.atoms_per_window_queries, enc.atoms_per_window_keys
-        if (plan.ranks, plan.rank, plan.window_queries, plan.window_keys) != (mesh.size, mesh.rank, w, h):
-            raise ValueError(f"{name}: inputs were cut for rank {plan.rank} of {plan.ranks} with "
-                             f"W={plan.window_queries}, H={plan.window_keys}; this is rank "
-                             f"{mesh.rank} of {mesh.size} with W={w}, H={h}")
+        plan.check(name, mesh, w, h)
         n_block = layout.n_padded // mesh.size
         if inputs.tokens["res_type"].shape[1] != n_block:
             raise ValueError(f"{name}: token block of {inputs.tokens['res_type'].shape[1]} tokens, "

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
+from boltz_cp.parity.cases.confidence import flatten
 from boltz_cp.parity.cases.trunk import featurized_input
 from boltz_cp.parity.reference import fp64_reference
 from boltz_cp.parity.runner import register
@@ -25,11 +26,7 @@ OTHER_OUTPUTS = ("sample_atom_coords", "plddt", "complex_plddt", "complex_iplddt
 
 
 def _select(out: dict) -> dict:
-    picked = {k: out[k] for k in (*OTHER_OUTPUTS, *PAIR_OUTPUTS)}
-    for c1, row in out["pair_chains_iptm"].items():
-        for c2, value in row.items():
-            picked[f"pair_chains_iptm[{int(c1)}][{int(c2)}]"] = value
-    return picked
+    return flatten({k: out[k] for k in (*OTHER_OUTPUTS, *PAIR_OUTPUTS, "pair_chains_iptm")})
 
 
 @register("model")
