@@ -200,35 +200,36 @@ def _assert_same_prediction(got: dict, want: dict) -> None:
             assert np.abs(g_arrays[f] - a).max() <= 1e-4, (k, f)
 
 
-def test_cp_backend_equals_reference_on_1x1_2x2_3x3(tmp_path, small_input, boltz_cache, tiny_ckpt):
-    """The same seed gives the same structures and confidences on every mesh and backend."""
+def _assert_cp_equals_reference(tmp_path: Path, inp: Path, cache: Path, ckpt: Path, *extra: str) -> None:
+    """Reference backend once, then the cp backend on 1x1, 2x2 and 3x3: the same files within the bar."""
+    name = inp.stem
     ref_out = tmp_path / "ref"
-    r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(small_input, ref_out, boltz_cache, tiny_ckpt,
-                                                               *CP_ARGS)], timeout=300)
+    r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(inp, ref_out, cache, ckpt, *CP_ARGS, *extra)],
+             timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    want = _prediction(ref_out)
+    want = _prediction(ref_out, name)
     for side in (1, 2, 3):
         out = tmp_path / f"cp{side}"
-        args = _predict_args(small_input, out, boltz_cache, tiny_ckpt, *CP_ARGS, "model.backend=cp",
-                             f"mesh={side}x{side}")
+        args = _predict_args(inp, out, cache, ckpt, *CP_ARGS, *extra, "model.backend=cp", f"mesh={side}x{side}")
         r = (_run([sys.executable, "-m", "boltz_cp", *args], timeout=300) if side == 1
              else _torchrun(side * side, args, timeout=600))
         assert r.returncode == 0, r.stderr[-3000:]
-        _assert_same_prediction(_prediction(out), want)
+        _assert_same_prediction(_prediction(out, name), want)
         assert not list(out.rglob(".staging-*"))
 
 
-def test_cp_backend_refuses_what_it_cannot_do(tmp_path, small_input, boltz_cache, tiny_ckpt):
-    r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(small_input, tmp_path / "o", boltz_cache, tiny_ckpt,
-                                                               "model.backend=cp", "use_potentials=true")])
-    assert r.returncode == 2 and "use_potentials=true is not supported with model.backend=cp" in r.stderr
+def test_cp_backend_equals_reference_on_1x1_2x2_3x3(tmp_path, small_input, boltz_cache, tiny_ckpt):
+    """The same seed gives the same structures and confidences on every mesh and backend."""
+    _assert_cp_equals_reference(tmp_path, small_input, boltz_cache, tiny_ckpt)
+
+
+def test_cp_backend_with_potentials_equals_reference(tmp_path, small_input, boltz_cache, tiny_ckpt):
+    """use_potentials=true (fk steering, physical guidance) and a forced pocket (contact guidance):
+    the steering potentials act under CP exactly as in the serial model."""
     forced = tmp_path / "forced.yaml"
     forced.write_text(small_input.read_text() + "constraints:\n  - pocket:\n      binder: D\n"
-                      "      contacts: [[A, 2]]\n      force: true\n")
-    r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(forced, tmp_path / "o2", boltz_cache, tiny_ckpt,
-                                                               "model.backend=cp")], timeout=300)
-    assert r.returncode == 2 and "forced pocket / contact constraints" in r.stderr, r.stderr[-2000:]
-    assert not (tmp_path / "o2" / "boltz_results_forced" / "predictions" / "forced").exists()
+                      "      contacts: [[A, 2]]\n      max_distance: 6.0\n      force: true\n")
+    _assert_cp_equals_reference(tmp_path, forced, boltz_cache, tiny_ckpt, "use_potentials=true")
 
 
 @pytest.mark.parametrize("override, message", [

@@ -72,9 +72,6 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.backend == "cp":
         if cfg.mesh.rows != cfg.mesh.cols:
             raise ConfigError(f"model.backend=cp needs a square mesh for now, got mesh={mesh}")
-        if cfg.use_potentials:
-            raise ConfigError("use_potentials=true is not supported with model.backend=cp yet "
-                              "(use model.backend=reference on a 1x1 mesh)")
         if cfg.precision == "bf16-mixed":
             raise ConfigError("model.backend=cp runs in fp32 only for now (precision=fp32)")
 

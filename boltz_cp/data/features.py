@@ -586,6 +586,20 @@ def dense_rows(lean: dict, name: str, rows: slice = slice(None)) -> torch.Tensor
     return index_one_hot(lean[key][:, rows], width)
 
 
+def sparse_index_map(lean: dict, name: str) -> torch.Tensor:
+    """Upstream's dense one-hot map `name` as a sparse COO tensor [B, L, N or M] of int64 ones:
+    equal to it under `torch.bmm` / `.float()` (each row has at most one 1, so every product is
+    exact) in O(L) memory. Upstream's steering potentials read atom_to_token and
+    token_to_rep_atom only that way, so they run unchanged on it."""
+    key, target = _INDEX_MAPS[name]
+    index = lean[key]
+    width = lean["asym_id"].shape[1] if target == "tokens" else lean["atom_pad_mask"].shape[1]
+    b, rows = torch.nonzero(index >= 0, as_tuple=True)
+    entries = torch.stack([b, rows, index[b, rows]])  # row-major and unique: already coalesced
+    return torch.sparse_coo_tensor(entries, torch.ones(b.numel(), dtype=torch.long), (*index.shape, width),
+                                   is_coalesced=True, check_invariants=False)
+
+
 # The four pair features of upstream (dense) that a CP rank needs as tiles.
 PAIR_TILE_FEATURES = ("token_bonds", "type_bonds", "contact_conditioning", "contact_threshold")
 

@@ -5,7 +5,9 @@ upstream checkpoint's state dict loads strictly).
 Placements (mesh axes cp_i, cp_j): see boltz_cp/models/trunk.py for the trunk's inputs and
 outputs. Diffusion: s_inputs / s_trunk SINGLE_BY_I, z PAIR; the atom windows per rank
 (modules/atom_windows.py); the sampled coordinates [B*mult, M, 3] are replicated on every rank
-(the sampler runs identically everywhere from the same seed). Confidence: per-pair outputs (pae,
+(the sampler runs identically everywhere from the same seed), and so are the steering
+potentials, which are upstream's own, on the replicated coordinates and O(M) index features.
+Confidence: per-pair outputs (pae,
 pde) PAIR, per-token outputs replicated, scalars replicated. `gather_outputs` assembles upstream's
 output dict on the writer rank only.
 Communication per forward: the trunk's; the diffusion conditioning's band gathers; per denoising
@@ -25,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from boltz.model.modules.trunkv2 import BFactorModule
 from boltz_cp.distributed import TokenLayout, pair_from_tile, single_from_local
-from boltz_cp.errors import ConfigError, InputError
+from boltz_cp.data.features import sparse_index_map
 from boltz_cp.models.trunk import TRUNK_MODULES, Boltz2Trunk, TrunkInputs
 from boltz_cp.modules.atom_diffusion import AtomDiffusion
 from boltz_cp.modules.confidence import ConfidenceInputs, ConfidenceModule
@@ -37,20 +39,21 @@ MODEL_MODULES = (*TRUNK_MODULES, "diffusion_conditioning", "structure_module", "
 
 @dataclass
 class ModelInputs:
-    """One rank's inputs: the trunk's, the confidence module's, and the O(M) atom mask."""
+    """One rank's inputs: the trunk's, the confidence module's, the O(M) atom mask, and the
+    features upstream's steering potentials read (replicated; the lean features with
+    atom_to_token and token_to_rep_atom as O(M) sparse maps, see `sparse_index_map`)."""
 
     trunk: TrunkInputs
     confidence: ConfidenceInputs
     atom_pad_mask: Tensor
-    # Forced contacts / pockets or forced templates: the contact-guidance potentials act.
-    steered: bool = False
+    potential_feats: Mapping[str, Tensor]
 
     @classmethod
     def cut(cls, feats: Mapping[str, Tensor], layout: TokenLayout) -> "ModelInputs":
-        force = feats.get("template_force")  # absent when the input has no template
-        steered = feats["contact_pair_index"].numel() > 0 or (force is not None and bool(force.any()))
+        potential_feats = {**feats, **{name: sparse_index_map(feats, name)
+                                       for name in ("atom_to_token", "token_to_rep_atom")}}
         return cls(TrunkInputs.cut(feats, layout), ConfidenceInputs.cut(feats, layout),
-                   feats["atom_pad_mask"], steered)
+                   feats["atom_pad_mask"], potential_feats)
 
 
 class Boltz2CP(Boltz2Trunk):
@@ -104,7 +107,6 @@ class Boltz2CP(Boltz2Trunk):
     def forward(self, inputs: ModelInputs, layout: TokenLayout, recycling_steps: int = 0,  # type: ignore[override]
                 num_sampling_steps: int | None = None, diffusion_samples: int = 1,
                 max_parallel_samples: int | None = None) -> dict[str, Any]:
-        steering = self._steering(inputs)
         out = super().forward(inputs.trunk, layout, recycling_steps)
         s, z, s_inputs = out["s"], out["z"], out["s_inputs"]
         embedder = inputs.trunk.embedder
@@ -113,10 +115,10 @@ class Boltz2CP(Boltz2Trunk):
         token_mask = single_from_local(inputs.trunk.feats_i["token_pad_mask"], mesh)
         with torch.autocast(z.device.type, enabled=False):
             struct = self.structure_module.sample(
-                s_trunk=s, s_inputs=s_inputs, feats={"atom_pad_mask": inputs.atom_pad_mask},
+                s_trunk=s, s_inputs=s_inputs, feats=inputs.potential_feats,
                 num_sampling_steps=num_sampling_steps, atom_mask=inputs.atom_pad_mask.to(z.dtype),
                 multiplicity=diffusion_samples, max_parallel_samples=max_parallel_samples,
-                steering_args=steering, diffusion_conditioning=conditioning, inputs=embedder,
+                steering_args=self.steering_args, diffusion_conditioning=conditioning, inputs=embedder,
                 layout=layout, token_mask=token_mask)
         out.update(struct)
         if self.predict_bfactor:
@@ -129,20 +131,6 @@ class Boltz2CP(Boltz2Trunk):
         return out
 
 
-    def _steering(self, inputs: ModelInputs) -> dict:
-        """The sampler's steering switches: all off, which is exact unless a potential would act.
-
-        fk steering and physical guidance (use_potentials) are not supported under CP yet; the
-        contact guidance upstream enables by default acts only on forced contacts / pockets and
-        forced templates, and is a no-op (zero gradient) for any other input.
-        """
-        args = dict(self.steering_args or {})
-        if args.get("fk_steering") or args.get("physical_guidance_update"):
-            raise ConfigError("the CP model does not run steering potentials yet (use_potentials=false)")
-        if args.get("contact_guidance_update") and inputs.steered:
-            raise InputError("forced pocket / contact constraints and forced templates steer the diffusion, "
-                             "which the CP model does not support yet (use model.backend=reference on 1x1)")
-        return {**args, "fk_steering": False, "physical_guidance_update": False, "contact_guidance_update": False}
 
 
 def gather_outputs(out: dict[str, Any], layout: TokenLayout, dst: int | None = 0) -> dict[str, Any] | None:

@@ -5,6 +5,11 @@ model `featurize_lean`'s). Both draw their noise, augmentation rotations and ste
 global RNG seeded alike, so the sampled coordinates must agree to round-off, not statistically.
 Settings: 1 recycle, 5 sampling steps, 2 diffusion samples (the confidence module runs them one
 after the other, as upstream's predict does), steering off (contact guidance included).
+
+Case `model_potentials`: the same with every steering potential on (`use_potentials`: fk steering
+with 3 particles per sample and resampling, physical guidance; contact guidance) on the `forced`
+variant of the input (forced template, forced pocket, a forced inter-chain contact), so every
+potential term acts, the template and contact ones included.
 """
 
 from __future__ import annotations
@@ -31,15 +36,16 @@ def _select(out: dict) -> dict:
 
 @register("model")
 class ModelCase:
+    steering = {"fk_steering": False, "physical_guidance_update": False, "contact_guidance_update": False}
+    forced = False
+
     def build(self, preset):
         from boltz_cp.models.checkpoint import PRESETS, _upstream_steering_defaults, build_model
 
         model = build_model(PRESETS["tiny"])
         model.predict_args = {"recycling_steps": RECYCLING_STEPS, "sampling_steps": SAMPLING_STEPS,
                               "diffusion_samples": SAMPLES, "max_parallel_samples": None}
-        # No steering: the CP sampler does not feed the potentials yet.
-        model.steering_args = {**_upstream_steering_defaults(), "fk_steering": False,
-                               "physical_guidance_update": False, "contact_guidance_update": False}
+        model.steering_args = {**_upstream_steering_defaults(), **self.steering}
         return model
 
     def cp_twin(self, upstream):
@@ -48,7 +54,7 @@ class ModelCase:
         return Boltz2CP.from_upstream(upstream)
 
     def inputs(self, n, preset, generator):
-        return dict(featurized_input())
+        return dict(featurized_input(self.forced))
 
     def num_tokens(self, inputs) -> int:
         return inputs["token_pad_mask"].shape[1]
@@ -74,3 +80,9 @@ class ModelCase:
                          diffusion_samples=SAMPLES)
         full = gather_outputs(out, layout, dst=None)
         return _select(full)
+
+
+@register("model_potentials")
+class ModelPotentialsCase(ModelCase):
+    steering = {"fk_steering": True, "physical_guidance_update": True, "contact_guidance_update": True}
+    forced = True

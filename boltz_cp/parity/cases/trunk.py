@@ -50,13 +50,19 @@ sequences:
       ccd: EDO
 templates:
   - cif: {template}
-    chain_id: A
+    chain_id: A{template_force}
 constraints:
   - pocket:
       binder: D
       contacts: [[A, 3], [A, 7]]
-      max_distance: 8.0
+      max_distance: 8.0{pocket_force}
 """
+# The `forced` variant: the template and the pocket steer the diffusion (contact guidance), and a
+# forced contact between the chains adds a second contact potential term.
+_FORCED = {"template_force": "\n    force: true\n    threshold: 2.0", "pocket_force": "\n      force: true",
+           "contact": "  - contact:\n      token1: [A, 1]\n      token2: [B, 5]\n      max_distance: 6.0\n"
+                      "      force: true\n"}
+_UNFORCED = {"template_force": "", "pocket_force": "", "contact": ""}
 _CACHE: dict = {}
 
 
@@ -81,25 +87,27 @@ def _write_template(folder: Path, mol_dir: Path) -> Path:
     return path
 
 
-def featurized_input() -> dict[str, torch.Tensor]:
+def featurized_input(forced: bool = False) -> dict[str, torch.Tensor]:
     """The case's featurized batch (tensors only, floating ones in float64); built once per process.
+    `forced`: the variant whose template, pocket and an extra contact are forced (steering).
 
     Featurizing loads the CCD and RDKit and leaves ~1 GB resident, which every rank of every
     worker pool would keep: it runs in a child process instead, once per machine and source
     version (a file lock serialises concurrent ranks), and the ranks load the saved tensors.
     """
-    if "feats" not in _CACHE:
-        path = _cache_path()
+    name = "forced" if forced else "feats"
+    if name not in _CACHE:
+        path = _cache_path(name)
         with open(path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.exists():
                 subprocess.run([sys.executable, "-c", f"from {__name__} import _featurize_to; "
-                                f"_featurize_to({str(path)!r})"], check=True, capture_output=True)
-        _CACHE["feats"] = torch.load(path)
-    return _CACHE["feats"]
+                                f"_featurize_to({str(path)!r}, {forced})"], check=True, capture_output=True)
+        _CACHE[name] = torch.load(path)
+    return _CACHE[name]
 
 
-def _cache_path() -> Path:
+def _cache_path(name: str) -> Path:
     """Keyed by this case's and the data path's sources, so a featurizer change never reads stale features."""
     import boltz
 
@@ -108,10 +116,10 @@ def _cache_path() -> Path:
     digest = hashlib.sha256(boltz.__version__.encode() if hasattr(boltz, "__version__") else b"")
     for src in sorted([Path(__file__), *Path(data.__file__).parent.glob("*.py")]):
         digest.update(src.read_bytes())
-    return Path(tempfile.gettempdir()) / f"boltz_cp_trunk_case_{digest.hexdigest()[:16]}.pt"
+    return Path(tempfile.gettempdir()) / f"boltz_cp_trunk_case_{name}_{digest.hexdigest()[:16]}.pt"
 
 
-def _featurize_to(out: str) -> None:
+def _featurize_to(out: str, forced: bool = False) -> None:
     """Featurize the case's input (upstream's featurizer plus featurize_lean's compact keys) into out."""
     from boltz_cp.data.ccd import ensure_molecules
     from boltz_cp.data.features import COMPACT_KEYS, featurize_lean
@@ -124,8 +132,9 @@ def _featurize_to(out: str) -> None:
         (folder / "A.a3m").write_text(f">q\n{_A}\n>h1\nMKTAYLAKQRQG\n>h2\nMRTAYIAK-RQG\n>h3\nMKSAYIAKQRHG\n")
         (folder / "B.a3m").write_text(f">q\n{_B}\n>h1\nGSHMSIFD\n>h2\nGAHMSLFE\n")
         path = folder / "complex.yaml"
+        variant = _FORCED if forced else _UNFORCED
         path.write_text(_YAML.format(a=_A, b=_B, msa_a=folder / "A.a3m", msa_b=folder / "B.a3m",
-                                     template=_write_template(folder, mol_dir)))
+                                     template=_write_template(folder, mol_dir), **variant) + variant["contact"])
         dirs = ProcessedDirs(folder / "processed").make()
         record = write_processed(parse_target(path, mol_dir, SEED), path, dirs)
         batch = featurize(record, dirs, mol_dir, seed=SEED)
