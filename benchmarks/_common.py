@@ -2,12 +2,13 @@
 launch and the ratio table.
 
 Memory: peak of heap bytes in use (glibc mallinfo2, sampled after every aten op) minus the bytes
-in use before the forward (weights and inputs excluded). CPU: process_time of the forward.
+in use before the forward (weights and inputs excluded). CPU and wall: process_time and wall time
+of a separate, uninstrumented forward (the sampling costs about the same per op on every rank, so
+timing under it would charge a P-rank run P times its overhead).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
@@ -16,38 +17,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from torch.utils._python_dispatch import TorchDispatchMode
+from boltz_cp.cli.bench import HeapMeter, heap_in_use
 
 REPO = Path(__file__).resolve().parent.parent
 TABLE_HEADER = ("| N | mesh | max act. MiB/rank | 1x1 MiB / P | mem ratio | sum CPU s | 1x1 CPU s | CPU ratio | wall s |\n"
                 "|---|---|---|---|---|---|---|---|---|")
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-
-def heap_in_use() -> int:
-    """Bytes the C heap has handed out now (small blocks plus mmapped ones)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
-class PeakHeap(TorchDispatchMode):
-    """Within the block, ``peak`` is the largest heap_in_use() seen after any aten op."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.peak = heap_in_use()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.peak = max(self.peak, heap_in_use())
-        return out
 
 
 def rank_setup(feats_path: str | None = None):
@@ -68,21 +42,24 @@ def rank_setup(feats_path: str | None = None):
 
 
 def report_forward(forward: Callable[[], object], mesh) -> None:
-    """Run ``forward`` once to warm up and once measured on every rank; rank 0 prints one
-    ``RESULT`` line with every rank's activation bytes, CPU and wall seconds."""
+    """Run ``forward`` once to warm up, once timed and once under the heap sampler on every rank;
+    rank 0 prints one ``RESULT`` line with every rank's activation bytes, CPU and wall seconds."""
     import torch
 
     with torch.inference_mode():
         forward()  # warm-up
         torch.distributed.barrier()
-        base = heap_in_use()
-        mode = PeakHeap()
         t_cpu, t_wall = time.process_time(), time.perf_counter()
-        with mode:
-            out = forward()
+        out = forward()
         t_cpu, t_wall = time.process_time() - t_cpu, time.perf_counter() - t_wall
         del out
-    mine = {"rank": mesh.rank, "act_bytes": mode.peak - base, "cpu_s": t_cpu, "wall_s": t_wall}
+        torch.distributed.barrier()
+        base = heap_in_use()
+        mode = HeapMeter()
+        with mode:
+            out = forward()
+        del out
+    mine = {"rank": mesh.rank, "act_bytes": mode.peak() - base, "cpu_s": t_cpu, "wall_s": t_wall}
     every = [None] * mesh.size
     torch.distributed.all_gather_object(every, mine)  # one writer: ranks' lines would interleave
     if mesh.rank == 0:

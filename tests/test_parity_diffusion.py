@@ -76,8 +76,9 @@ def _communication(mesh, n):
 def test_messages_per_forward(run_on_mesh, side):
     """Only the small messages of the module docstring, to the byte: 4 atom layers' halos;
     span_reduce of token sums and span_gather of token rows (overlaps only); one transpose of
-    k_in/mask per token layer off the diagonal. Collectives: 1 ring_j gather, 1 row merge per
-    token layer, 1 gather of r_update. No bias tile (B*n*n*12 elements) is ever sent."""
+    (k, v, mask) per token layer off the diagonal. Collectives: per token layer 1 ring_j gather of
+    (q, k, v, mask) and 1 all_to_all of the softmax partials; 1 gather of r_update. No bias tile
+    (B*n*n*12 elements) is ever sent."""
     from boltz_cp.parity.cases.diffusion import ATOM_S, DEC_DEPTH, ENC_DEPTH, TOKEN_DEPTH
 
     n, p = 37, side * side
@@ -100,9 +101,9 @@ def test_messages_per_forward(run_on_mesh, side):
         assert counts.get("span_gather", 0) == len(gather_to), (rank, counts)
         assert counts["transpose"] == transposes and counts["ring_shift"] == counts["skew"] == 0
         expected = (halos * bm * 48 * ATOM_S + sum(reduce_to) * bm * 2 * C_S
-                    + sum(gather_to) * bm * ATOM_S + transposes * bm * n_row * (2 * C_S + 1)) * f64
+                    + sum(gather_to) * bm * ATOM_S + transposes * bm * n_row * (4 * C_S + 1)) * f64
         assert counts["bytes_sent"] == expected, (rank, counts, expected)
-        assert collectives == 1 + TOKEN_DEPTH + 1, (rank, collectives)
+        assert collectives == 2 * TOKEN_DEPTH + 1, (rank, collectives)
     assert float(results[0][4].abs().max()) > 0.1  # not vacuous
 
 

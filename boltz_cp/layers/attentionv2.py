@@ -87,42 +87,14 @@ class AttentionPairBias(_UpstreamAttentionPairBias):
 
         q = self.proj_q(s_tile).view(bsz, n, heads, d)
         g = self.proj_g(s_tile).sigmoid()
-
-        # NOTE(parity): pad keys are dropped, not masked: upstream has no pad tokens, and a
-        # -inf bias on them would still change rows whose real keys are all masked. Pad
-        # tokens sit at the end of the padded sequence, so the real keys of J_c are a prefix.
-        j0 = layout.cols.start
-        n_keys = max(0, min(n, layout.n - j0))
-
+        n_keys = _real_keys(layout, n)
         received = pending.wait()
         k_in_j = received[:, :n_keys, :-1].to(k_tile.dtype)
         mask_j = received[:, :n_keys, -1]
         k = self.proj_k(k_in_j).view(k_in_j.shape[0], n_keys, heads, d)
         v = self.proj_v(k_in_j).view(k_in_j.shape[0], n_keys, heads, d)
         out_dtype = v.dtype
-
-        state = torch.empty(q.shape[0], n, heads, d + 2, dtype=ct, device=q.device)
-        if n_keys == 0:  # all my keys are padding: an empty partial
-            state[..., :d] = 0
-            state[..., d] = float("-inf")
-            state[..., d + 1] = 0
-        else:
-            k_ct, v_ct = k.to(ct), v.to(ct)
-            key_bias = (1 - mask_j[:, None, None].to(ct)) * -self.inf
-            z_keys = z_tile[:, :, :n_keys]
-            rows = max(1, CHUNK_PAIRS // n_keys)
-            with torch.autocast(q.device.type, enabled=False):
-                for i0 in range(0, n, rows):
-                    i1 = min(n, i0 + rows)
-                    bias = self.proj_z(z_keys[:, i0:i1]).repeat_interleave(multiplicity, 0)
-                    # In place, in upstream's order: qk / sqrt(D) + bias + key mask bias.
-                    attn = torch.einsum("bihd,bjhd->bhij", q[:, i0:i1].to(ct), k_ct)
-                    attn.div_(d**0.5).add_(bias.to(ct)).add_(key_bias)
-                    m_blk = attn.amax(dim=-1, keepdim=True)
-                    p_blk = attn.sub_(m_blk).exp_()
-                    state[:, i0:i1, :, :d] = torch.einsum("bhij,bjhd->bihd", p_blk, v_ct)
-                    state[:, i0:i1, :, d] = m_blk[..., 0].transpose(1, 2)
-                    state[:, i0:i1, :, d + 1] = p_blk.sum(dim=-1).transpose(1, 2)
+        state = self._partial(q, k, v, mask_j, z_tile, multiplicity, ct)
 
         if mesh.cols > 1:
             states = [torch.empty_like(state) for _ in range(mesh.cols)]
@@ -131,3 +103,88 @@ class AttentionPairBias(_UpstreamAttentionPairBias):
             states = [state]
         o = merge_partials(states, d).to(out_dtype).reshape(q.shape[0], n, self.c_s)
         return like(s, self.proj_o(g * o))
+
+    def forward_full(self, s_f: torch.Tensor, bias_tile: torch.Tensor, mask_f: torch.Tensor,
+                     k_in_f: torch.Tensor, layout: TokenLayout, multiplicity: int = 1) -> torch.Tensor:
+        """The same attention with every per-token projection done once: on SINGLE_FULL blocks.
+
+        s_f, k_in_f [B', n_f, C_s] and mask_f [B', n_f] are my SINGLE_FULL block (sub-block c of
+        I_r, n_f = N/P); bias_tile [B, n, n, H] is my tile of the bias (compute_pair_bias=False
+        only). Returns my block of the output [B', n_f, C_s].
+        Communication: 1 all_gather on ring_j of (q, k, v, mask) [B', n_f, 3*C_s + 1] -> I_r;
+        1 transpose_exchange of (k, v, mask)[I_r] -> J_c; 1 all_to_all on ring_j of the partial
+        softmax states, each rank receiving the [B', n_f, H, D+2] rows of its block from every
+        column. The bias tile never moves; no projection or (query, key) pair is computed twice.
+        """
+        if self.compute_pair_bias:
+            raise ValueError(f"{type(self).__name__}.forward_full takes the bias itself (compute_pair_bias=False)")
+        mesh = layout.mesh
+        mesh.require_square(type(self).__name__)
+        bsz, n_f = s_f.shape[:2]
+        heads, d, p = self.num_heads, self.head_dim, mesh.cols
+        n = n_f * p
+        ct = torch.promote_types(torch.promote_types(s_f.dtype, k_in_f.dtype),
+                                 torch.promote_types(bias_tile.dtype, torch.float32))
+        wire = torch.promote_types(s_f.dtype, mask_f.dtype) if mask_f.is_floating_point() else s_f.dtype
+        parts = [self.proj_q(s_f), self.proj_k(k_in_f), self.proj_v(k_in_f)]
+        packed = torch.cat([x.to(wire) for x in parts] + [mask_f.to(wire)[..., None]], dim=-1).contiguous()
+        if p > 1:
+            blocks = [torch.empty_like(packed) for _ in range(p)]
+            dist.all_gather(blocks, packed, group=mesh.ring_j)
+            packed = torch.cat(blocks, dim=1)  # rows I_r, in sub-block order
+        c_s = self.c_s
+        g_f = self.proj_g(s_f).sigmoid()
+        received = transpose_exchange(packed[..., c_s:].contiguous(), mesh).wait()  # (k, v, mask)[J_c]
+        n_keys = _real_keys(layout, n)
+        q = packed[..., :c_s].to(parts[0].dtype).view(bsz, n, heads, d)
+        k = received[:, :n_keys, :c_s].to(parts[1].dtype).view(bsz, n_keys, heads, d)
+        v = received[:, :n_keys, c_s:2 * c_s].to(parts[2].dtype).view(bsz, n_keys, heads, d)
+        state = self._partial(q, k, v, received[:, :n_keys, -1], bias_tile, multiplicity, ct)
+        if p > 1:  # rows of sub-block k go to column k; I get my rows' partial from every column
+            send = state.view(bsz, p, n_f, heads, d + 2).transpose(0, 1).contiguous()
+            recv = torch.empty_like(send)
+            dist.all_to_all_single(recv, send, group=mesh.ring_j)
+            states = list(recv.unbind(0))
+        else:
+            states = [state]
+        o = merge_partials(states, d).to(v.dtype).reshape(bsz, n_f, c_s)
+        return self.proj_o(g_f * o)
+
+    def _partial(self, q, k, v, mask_j, z_tile, multiplicity: int, ct):
+        """The unnormalised softmax state [B', n, H, D+2] of queries q [B', n, H, D] against my
+        real keys k, v [B', n_keys, H, D] with the bias of my tile through proj_z (from z, or
+        only moving the heads first when compute_pair_bias=False), in upstream's order."""
+        d = self.head_dim
+        n, n_keys = q.shape[1], k.shape[1]
+        state = torch.empty(q.shape[0], n, self.num_heads, d + 2, dtype=ct, device=q.device)
+        if n_keys == 0:  # all my keys are padding: an empty partial
+            state[..., :d] = 0
+            state[..., d] = float("-inf")
+            state[..., d + 1] = 0
+            return state
+        k_ct, v_ct = k.to(ct), v.to(ct)
+        key_bias = (1 - mask_j[:, None, None].to(ct)) * -self.inf
+        z_keys = z_tile[:, :, :n_keys]
+        rows = max(1, CHUNK_PAIRS // n_keys)
+        with torch.autocast(q.device.type, enabled=False):
+            for i0 in range(0, n, rows):
+                i1 = min(n, i0 + rows)
+                bias = self.proj_z(z_keys[:, i0:i1]).repeat_interleave(multiplicity, 0)
+                # In place, in upstream's order: qk / sqrt(D) + bias + key mask bias.
+                attn = torch.einsum("bihd,bjhd->bhij", q[:, i0:i1].to(ct), k_ct)
+                attn.div_(d**0.5).add_(bias.to(ct)).add_(key_bias)
+                m_blk = attn.amax(dim=-1, keepdim=True)
+                p_blk = attn.sub_(m_blk).exp_()
+                state[:, i0:i1, :, :d] = torch.einsum("bhij,bjhd->bihd", p_blk, v_ct)
+                state[:, i0:i1, :, d] = m_blk[..., 0].transpose(1, 2)
+                state[:, i0:i1, :, d + 1] = p_blk.sum(dim=-1).transpose(1, 2)
+        return state
+
+
+def _real_keys(layout: TokenLayout, n: int) -> int:
+    """How many of my key block J_c's n tokens are real.
+
+    NOTE(parity): pad keys are dropped, not masked: upstream has no pad tokens, and a -inf bias
+    on them would still change rows whose real keys are all masked. Pad tokens sit at the end
+    of the padded sequence, so the real keys of J_c are a prefix."""
+    return max(0, min(n, layout.n - layout.cols.start))

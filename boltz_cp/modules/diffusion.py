@@ -9,16 +9,17 @@ Placements (mesh axes cp_i, cp_j; B' = B*multiplicity, N = layout.n_padded, M at
       windows (channels as upstream's cat over layers); "token_trans_bias"
       [B, N, N, token_depth*token_heads] PAIR;
     out r_update [B', M, 3] plain, replicated (the same bits on every rank).
-Inside: the token track runs on SINGLE_BY_I row blocks [B', N/rows, 2*token_s]; per-token
-work outside the token transformer (single conditioning, s_to_a_linear, a_norm, a_to_q_trans)
-runs once, on my SINGLE_FULL block [B', N/P, ...]; atoms on my windows [B', L, atom_s].
+Inside: every per-token computation (single conditioning, s_to_a_linear, the token
+transformer's adaLN, projections, gates and transitions, a_norm, a_to_q_trans) runs once, on my
+SINGLE_FULL block [B', N/P, ...]; each attention layer scores my tile's (query, key) pairs with
+its bias tile; atoms on my windows [B', L, atom_s].
 Communication per call (P ranks, square p x p mesh, n = N/p, n_f = N/P, D_a = encoder +
-decoder depth, D_t = token transformer depth):
+decoder depth, D_t = token transformer depth, C = 2*token_s):
     D_a halo_exchanges of [B', 48, atom_s] with each neighbour (2 messages per inner rank);
-    1 span_reduce of the partial token sums [B', span, 2*token_s] onto the SINGLE_FULL owners;
-    1 all_gather on ring_j of [B', n_f, 4*token_s + 1] (a, s, token mask) -> SINGLE_BY_I;
-    D_t x (1 transpose_exchange of [B', n, 2*token_s + 1] (k_in, mask) + 1 all_gather on
-      ring_j of the partial softmax states [B', n, heads, head_dim + 2]);
+    1 span_reduce of the partial token sums [B', span, C] onto the SINGLE_FULL owners;
+    D_t x (1 all_gather on ring_j of (q, k, v, mask) [B', n_f, 3C + 1]; 1 transpose_exchange
+      of (k, v, mask) [B', n, 2C + 1]; 1 all_to_all on ring_j of the partial softmax states,
+      [B', n_f, heads, head_dim + 2] per peer);
     1 span_gather of a_to_q rows [B', span, atom_s] from the SINGLE_FULL owners;
     1 all_gather on the mesh of r_update [B', L, 3].
     No bias tile or window bias moves; nothing N x N or M x N exists on a rank.
@@ -36,7 +37,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from boltz.model.modules.diffusionv2 import DiffusionModule as _UpstreamDiffusionModule
-from boltz_cp.distributed import PAIR, SINGLE_BY_I, TokenLayout, check_placements, pair_from_tile, single_from_local
+from boltz_cp.distributed import PAIR, SINGLE_BY_I, TokenLayout, check_placements
 from boltz_cp.layers.attentionv2 import AttentionPairBias
 from boltz_cp.modules.atom_tokens import token_means, token_rows_to_atoms
 from boltz_cp.modules.atom_windows import atom_transformer, slice_atoms, window_keys
@@ -115,10 +116,7 @@ class DiffusionModule(_UpstreamDiffusionModule):
             mask_f = (inputs.tokens["atom_count"] > 0).repeat_interleave(mult, 0)
         else:
             mask_f = token_mask.to_local()[:, sub].repeat_interleave(mult, 0)
-        a_r, s_r, mask_r = self._gather_rows([a_f, s_f, mask_f.unsqueeze(-1)], mesh)
-
-        a_r = self._token_transformer(a_r, s_r, mask_r[..., 0], dc["token_trans_bias"], layout, mult)
-        a_f = self.a_norm(a_r[:, sub])
+        a_f = self.a_norm(self._token_transformer(a_f, s_f, mask_f, dc["token_trans_bias"], layout, mult))
 
         r_local = self._decode(inputs, a_f, q_skip, c_skip, dc, mult, mesh)
         return self._gather_atoms(r_local, mesh)[:, :plan.m]
@@ -142,8 +140,8 @@ class DiffusionModule(_UpstreamDiffusionModule):
 
     def _token_transformer(self, a: Tensor, s: Tensor, mask: Tensor, token_trans_bias: DTensor,
                            layout: TokenLayout, mult: int) -> Tensor:
-        """DiffusionTransformer on my row block I_r: a, s [B', n, 2*token_s], mask [B', n]."""
-        mesh = layout.mesh
+        """DiffusionTransformer on my SINGLE_FULL block: a, s [B', n_f, 2*token_s], mask [B', n_f]
+        (each layer's attention scores my tile's (query, key) pairs, see forward_full)."""
         layers = self.token_transformer.layers
         bias_tile = _at_least_fp32(token_trans_bias.to_local())
         b0, ni, nj, ch = bias_tile.shape
@@ -151,12 +149,10 @@ class DiffusionModule(_UpstreamDiffusionModule):
             raise ValueError(f"{type(self).__name__}: token_trans_bias has {ch} channels, not a "
                              f"multiple of the {len(layers)} token transformer layers")
         bias_tile = bias_tile.view(b0, ni, nj, len(layers), ch // len(layers))
-        mask_dt = single_from_local(mask, mesh)
         for i, layer in enumerate(layers):
-            b = single_from_local(layer.adaln(a, s), mesh)
+            b = layer.adaln(a, s)
             # The bias is shared by all samples; the attention repeats it per sample.
-            b = layer.pair_bias_attn(b, pair_from_tile(bias_tile[:, :, :, i], mesh), mask_dt, b,
-                                     layout, multiplicity=mult).to_local()
+            b = layer.pair_bias_attn.forward_full(b, bias_tile[:, :, :, i], mask, b, layout, multiplicity=mult)
             a = a + layer.output_projection(s) * b
             a = a + layer.transition(a, s)
             a = layer.post_lnorm(a)
@@ -181,26 +177,6 @@ class DiffusionModule(_UpstreamDiffusionModule):
         """[B', windows_per_rank, H]: the atom mask of each window's keys (0 past [0, M))."""
         keys = window_keys(inputs.atoms["atom_pad_mask"].bool(), inputs.plan)
         return keys.to(dtype).repeat_interleave(mult, 0)
-
-    @staticmethod
-    def _gather_rows(parts: list[Tensor], mesh) -> list[Tensor]:
-        """My SINGLE_FULL blocks [B', n_f, C_k] -> the row block I_r [B', n, C_k] of each, in one
-        all_gather on ring_j (block r*cols + c is the c-th sub-block of I_r)."""
-        wire = parts[0].dtype
-        for p in parts[1:]:
-            if p.is_floating_point():
-                wire = torch.promote_types(wire, p.dtype)
-        packed = torch.cat([p.to(wire) for p in parts], dim=-1).contiguous()
-        if mesh.cols > 1:
-            blocks = [torch.empty_like(packed) for _ in range(mesh.cols)]
-            dist.all_gather(blocks, packed, group=mesh.ring_j)
-            packed = torch.cat(blocks, dim=1)
-        out, c0 = [], 0
-        for p in parts:
-            c1 = c0 + p.shape[-1]
-            out.append(packed[..., c0:c1].to(p.dtype) if p.is_floating_point() else packed[..., c0:c1])
-            c0 = c1
-        return out
 
     @staticmethod
     def _gather_atoms(r_local: Tensor, mesh) -> Tensor:
