@@ -19,3 +19,9 @@ class ConfigError(BoltzCPError):
 
 class CheckpointError(BoltzCPError):
     """A checkpoint that is missing, unreadable or not in upstream Boltz-2 format."""
+
+
+class RankFailure(BoltzCPError):
+    """This rank cannot go on because another rank of the job failed, stopped or hung, or the
+    launcher stopped this one (SIGTERM): the failing rank's own message, or the launcher's
+    summary, names it."""

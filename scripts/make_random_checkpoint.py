@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Write a RANDOM-weight Boltz-2 checkpoint in upstream (Lightning) format, for tests.
 
-    python scripts/make_random_checkpoint.py OUT [--preset tiny|full] [--seed S]
+    python scripts/make_random_checkpoint.py OUT [--preset tiny|full|tiny-affinity] [--seed S]
 
 `tiny` (default) is a few-block, narrow model that runs a whole predict in seconds on a CPU;
 `full` has the released model's architecture (~507 M parameters, a ~2 GB file, ~30 s and a few GB
-of RAM to build). The weights are random: the structures predicted with them mean nothing.
+of RAM to build); `tiny-affinity` is `tiny` with two small affinity heads, an affinity checkpoint
+(`affinity_checkpoint=OUT`) for tests. The weights are random: what is predicted with them means
+nothing.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ EXPECTED_KEYS = {
     "diffusion_samples", "max_parallel_samples", "step_scale", "seed", "method", "use_potentials",
     "subsample_msa", "num_subsampled_msa", "max_msa_seqs", "precision", "device", "output_format",
     "write_full_pae", "write_full_pde", "write_embeddings", "timeout_s", "progress", "model",
+    "affinity_checkpoint", "sampling_steps_affinity", "diffusion_samples_affinity", "affinity_mw_correction",
 }
 
 
@@ -169,14 +170,14 @@ def test_directory_with_a_bad_input(tmp_path, small_input, boltz_cache, tiny_ckp
 CP_ARGS = ("recycling_steps=1", "sampling_steps=10", "diffusion_samples=2", "seed=5", "precision=fp32")
 
 
-def _prediction(out: Path, name: str = "small") -> dict:
+def _prediction(out: Path, name: str = "small", count: int = 2) -> dict:
     """Coordinates of every model and its confidence values, from the written files."""
     import gemmi
     import numpy as np
 
     pred = out / f"boltz_results_{name}" / "predictions" / name
     models = {}
-    for k in (0, 1):
+    for k in range(count):
         st = gemmi.read_structure(str(pred / f"{name}_model_{k}.cif"))
         xyz = np.array([a.pos.tolist() for ch in st[0] for res in ch for a in res])
         conf = json.loads((pred / f"confidence_{name}_model_{k}.json").read_text())
@@ -230,6 +231,29 @@ def test_cp_backend_with_potentials_equals_reference(tmp_path, small_input, bolt
     forced.write_text(small_input.read_text() + "constraints:\n  - pocket:\n      binder: D\n"
                       "      contacts: [[A, 2]]\n      max_distance: 6.0\n      force: true\n")
     _assert_cp_equals_reference(tmp_path, forced, boltz_cache, tiny_ckpt, "use_potentials=true")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(5400)
+def test_full_preset_cp_equals_reference(tmp_path, small_input, boltz_cache):
+    """The `full` preset (Boltz-2's architecture: 64 pairformer blocks, 24-layer token transformer,
+    8-block confidence pairformer; random weights): cp on 1x1 and 2x2 equals the reference backend.
+    3x3 is left out here: 9 ranks would each hold the 2 GB of weights."""
+    from boltz_cp.models.checkpoint import make_random_checkpoint
+
+    ckpt = make_random_checkpoint(tmp_path / "full.ckpt", preset="full", seed=0)
+    args = ("recycling_steps=1", "sampling_steps=10", "diffusion_samples=1", "seed=5", "precision=fp32")
+    r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(small_input, tmp_path / "ref", boltz_cache, ckpt,
+                                                               *args)], timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = {0: _prediction(tmp_path / "ref", count=1)[0]}
+    for side in (1, 2):
+        out = tmp_path / f"cp{side}"
+        cp_args = _predict_args(small_input, out, boltz_cache, ckpt, *args, "model.backend=cp", f"mesh={side}x{side}")
+        r = (_run([sys.executable, "-m", "boltz_cp", *cp_args], timeout=1800) if side == 1
+             else _torchrun(side * side, cp_args, timeout=3600))
+        assert r.returncode == 0, r.stderr[-3000:]
+        _assert_same_prediction(_prediction(out, count=1), want)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -3,15 +3,18 @@
 Runs as a plain process (1x1 mesh) or under torchrun, where every rank runs this same entry
 point. A problem the user can fix (`BoltzCPError`) is printed as one line naming it, on every
 rank that sees it, and the process exits with status 2; anything else is a bug and keeps its
-traceback (status 1).
+traceback (status 1). When another rank dies or the launcher stops this one (torchrun sends
+SIGTERM to the other ranks once one fails), the rank says so in one line and exits 2 after its
+clean-up ran (no staging folder is left behind).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
-from boltz_cp.errors import BoltzCPError, ConfigError
+from boltz_cp.errors import BoltzCPError, ConfigError, RankFailure
 
 USAGE = """\
 usage: boltz_cp predict INPUT [key=value ...] [--cfg job] [--help]
@@ -28,8 +31,35 @@ def _rank_prefix() -> str:
     return f"[rank {os.environ.get('RANK', '0')}/{world}] " if world > 1 else ""
 
 
+def _stopped(signum, _frame) -> None:
+    raise RankFailure(f"stopped by {signal.Signals(signum).name}: the launcher stops every rank once one fails "
+                      "or the job is cancelled; the failing rank's message or the launcher's summary names it")
+
+
+def peer_failure(e: BaseException) -> RankFailure | None:
+    """The one-line error for a communication failure (a peer died, hung or closed its connection);
+    None for any other exception."""
+    import torch.distributed as dist
+
+    text = str(e)
+    if not (isinstance(e, dist.DistError) or "/gloo/" in text or "NCCL" in text):
+        return None
+    reason = text.splitlines()[0].split("] ", 1)[-1].split(". This is typically", 1)[0][:200]
+    return RankFailure(f"lost contact with another rank ({reason}): a rank failed, stopped or hung; its own "
+                       "message or the launcher's summary names it")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _stopped)
+    try:
+        return _main(argv)
+    finally:
+        # Past this point a SIGTERM just ends the exiting process (no error raised in atexit).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
@@ -44,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"boltz_cp: {_rank_prefix()}interrupted", file=sys.stderr, flush=True)
         return 130
+    except RuntimeError as e:
+        failure = peer_failure(e)
+        if failure is None:
+            raise
+        print(f"boltz_cp: error: {_rank_prefix()}{failure}", file=sys.stderr, flush=True)
+        return 2
 
 
 def _predict(args: list[str]) -> int:

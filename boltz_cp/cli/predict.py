@@ -4,6 +4,8 @@ Output (as upstream): <out_dir>/boltz_results_<stem>/
     processed/{structures,records,msa,constraints,templates,mols}/...
     predictions/<id>/<id>_model_<k>.cif|.pdb, confidence_<id>_model_<k>.json,
                      plddt_/pae_/pde_<id>_model_<k>.npz
+                     affinity_<id>.json, pre_affinity_<id>.npz   (affinity property, see
+                                                                  cli/affinity.py)
     boltz_cp_config.yaml        the resolved configuration (writer rank only)
 
 Every input is processed and predicted in a private staging folder, then moved into place, so
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -42,14 +46,19 @@ def validate(cfg: DictConfig) -> None:
     choice("precision", cfg.precision, PRECISIONS)
     choice("output_format", cfg.output_format, FORMATS)
     choice("device", cfg.device, DEVICES)
-    for key in ("recycling_steps", "sampling_steps", "diffusion_samples", "seed"):
+    for key in ("recycling_steps", "sampling_steps", "diffusion_samples", "seed", "sampling_steps_affinity",
+                "diffusion_samples_affinity"):
         if not isinstance(cfg[key], int) or cfg[key] < 0:
             raise ConfigError(f"{key} must be a non-negative integer, got {cfg[key]!r}")
-    if cfg.sampling_steps < 2:
-        # Upstream's EDM schedule divides by sampling_steps - 1: one step gives NaN coordinates.
-        raise ConfigError(f"sampling_steps must be at least 2, got {cfg.sampling_steps}")
-    if cfg.diffusion_samples < 1:
-        raise ConfigError("diffusion_samples must be at least 1")
+    for key in ("sampling_steps", "sampling_steps_affinity"):
+        if cfg[key] < 2:
+            # Upstream's EDM schedule divides by sampling_steps - 1: one step gives NaN coordinates.
+            raise ConfigError(f"{key} must be at least 2, got {cfg[key]}")
+    for key in ("diffusion_samples", "diffusion_samples_affinity"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be at least 1")
+    if not isinstance(cfg.affinity_mw_correction, bool):
+        raise ConfigError(f"affinity_mw_correction must be true or false, got {cfg.affinity_mw_correction!r}")
     if cfg.max_parallel_samples is not None and cfg.max_parallel_samples < 1:
         raise ConfigError("max_parallel_samples must be at least 1 (or null)")
     for key in ("rows", "cols"):
@@ -136,6 +145,14 @@ def predict(cfg: DictConfig, input_arg: str) -> None:
         if not todo:
             _finish(failures, files, log, out)
             return
+        from boltz_cp.cli.affinity import affinity_checkpoint_path, load_affinity_model
+        from boltz_cp.data.affinity import affinity_binder
+        from boltz_cp.models.checkpoint import require_affinity_checkpoint
+
+        # Before any model loads: an input asking for affinity needs the affinity checkpoint.
+        affinity_ckpt = None
+        if any(affinity_binder(p) is not None for p in todo):
+            affinity_ckpt = require_affinity_checkpoint(affinity_checkpoint_path(cfg, cache))
         log(f"loading checkpoint {ckpt}")
         model, info = load_boltz2(
             ckpt,
@@ -165,13 +182,22 @@ def predict(cfg: DictConfig, input_arg: str) -> None:
                 f"WARNING: {ckpt} holds RANDOM weights (preset '{info['random_preset']}'): "
                 "the predicted structures are not meaningful"
             )
+        affinity_model = None
+        if affinity_ckpt is not None:
+            log(f"loading affinity checkpoint {affinity_ckpt}")
+            affinity_model, affinity_info = load_affinity_model(cfg, affinity_ckpt)
+            if affinity_info.get("random_preset") and writer_rank:
+                log.warn(f"WARNING: {affinity_ckpt} holds RANDOM weights (preset '{affinity_info['random_preset']}'): "
+                         "the predicted affinities are not meaningful")
         if writer_rank:
             out.mkdir(parents=True, exist_ok=True)
+            _remove_stale_staging(out)
             _atomic_write_text(out / "boltz_cp_config.yaml", OmegaConf.to_yaml(cfg))
 
         for path in todo:
             try:
-                _predict_one(cfg, model, path, out, mol_dir, ctx.device, precision, log, writer_rank, mesh)
+                _predict_one(cfg, model, path, out, mol_dir, ctx.device, precision, log, writer_rank, mesh,
+                             affinity_model)
             except InputError as e:
                 fail(path, e)
         _finish(failures, files, log, out)
@@ -186,13 +212,13 @@ def _finish(failures: list[str], files: list[Path], log, out: Path) -> None:
 
 
 def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, precision, log, writer_rank,
-                 mesh) -> None:
+                 mesh, affinity_model=None) -> None:
     from boltz.data.write.writer import BoltzWriter
 
     from boltz_cp.data.features import featurize_lean
     from boltz_cp.data.inputs import ProcessedDirs, featurize, parse_target, write_processed
 
-    staging = out / f".staging-{path.stem}-{os.getpid()}"
+    staging = _staging_dir(out, path.stem, writer_rank)
     try:
         log(f"{path.name}: parsing and featurizing")
         dirs = ProcessedDirs(staging / "processed").make()
@@ -202,35 +228,54 @@ def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, preci
         n_tokens = int(batch["token_pad_mask"].sum())
         log(f"{record.id}: {n_tokens} tokens, {int(batch['atom_pad_mask'].sum())} atoms")
         if record.affinity:
-            log(f"{record.id}: WARNING: the affinity property is not predicted yet by boltz_cp; skipping it")
+            assert affinity_model is not None, "inputs asking for affinity load the affinity model"
+            log(f"{record.id}: affinity property: a second pass after the structure")
 
-        chunk = cfg.max_parallel_samples or cfg.diffusion_samples
-        hooks = log.hook_model(model, cfg.recycling_steps, cfg.sampling_steps, -(-cfg.diffusion_samples // chunk))
-        try:
-            if cp:
-                pred = run_cp(model, batch, cfg, mesh, device)
-            else:
-                pred = run_reference(model, batch, cfg.seed, device, precision)
-        finally:
-            for h in hooks:
-                h.remove()
+        pred = run_model(model, batch, cfg, mesh, device, precision, log)
         if pred is not None and pred.get("exception"):
             raise BoltzCPError(f"{record.id}: out of memory on {device} at {n_tokens} tokens")
+        staged = staging / "predictions"
+
+        def write_structures() -> None:
+            writer = BoltzWriter(
+                data_dir=str(dirs.structures),
+                output_dir=str(staged),
+                output_format=cfg.output_format,
+                boltz2=True,
+                write_embeddings=cfg.write_embeddings,
+            )
+            writer.write_on_batch_end(None, None, pred, None, batch, 0, 0)
+
+        if record.affinity:  # every rank: the writer's top model is the affinity pass's input
+            from boltz_cp.cli.affinity import predict_affinity, write_and_share
+            from boltz_cp.data.affinity import pre_affinity_name
+
+            write_and_share(write_structures, staged / record.id / pre_affinity_name(record.id), mesh, device)
+            predict_affinity(cfg, affinity_model, record, dirs, staged, mol_dir, device, precision, log, mesh)
+        elif writer_rank:
+            write_structures()
         if not writer_rank:
             return
-        staged = staging / "predictions"
-        writer = BoltzWriter(
-            data_dir=str(dirs.structures),
-            output_dir=str(staged),
-            output_format=cfg.output_format,
-            boltz2=True,
-            write_embeddings=cfg.write_embeddings,
-        )
-        writer.write_on_batch_end(None, None, pred, None, batch, 0, 0)
         _publish(staging, out, record.id)
         log(f"{record.id}: wrote {out / 'predictions' / record.id}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def run_model(model, batch: dict, cfg, mesh, device: torch.device, precision: str, log) -> dict | None:
+    """One featurized batch through the model of `cfg.model.backend` (`run_cp` or `run_reference`),
+    with progress lines from hooks on the model's modules."""
+    args = model.predict_args
+    # Upstream's sampler denoises `samples % max_parallel_samples + 1` chunks per step.
+    chunks = args["diffusion_samples"] % (args["max_parallel_samples"] or args["diffusion_samples"]) + 1
+    hooks = log.hook_model(model, args["recycling_steps"], args["sampling_steps"], chunks)
+    try:
+        if cfg.model.backend == "cp":
+            return run_cp(model, batch, cfg, mesh, device)
+        return run_reference(model, batch, cfg.seed, device, precision)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def run_reference(model, batch: dict, seed: int, device: torch.device, precision: str) -> dict:
@@ -261,12 +306,17 @@ def run_cp(model, batch: dict, cfg, mesh, device: torch.device) -> dict | None:
     batch = batch_to(batch, device)
     layout = TokenLayout(batch["token_pad_mask"].shape[1], mesh)
     inputs = ModelInputs.cut(batch, layout)
+    affinity = None
+    if model.affinity_prediction:  # the affinity pass (boltz_cp/cli/affinity.py)
+        from boltz_cp.modules.affinity import AffinityInputs
+
+        affinity = AffinityInputs.cut(batch, layout)
     args = model.predict_args
     seed_everything(cfg.seed, verbose=False)
     with torch.inference_mode():
         out = model(inputs, layout, recycling_steps=args["recycling_steps"],
                     num_sampling_steps=args["sampling_steps"], diffusion_samples=args["diffusion_samples"],
-                    max_parallel_samples=args["max_parallel_samples"])
+                    max_parallel_samples=args["max_parallel_samples"], affinity=affinity)
         # The trunk's z and the distogram are N x N: gathered to the writer only for embeddings.
         keep = {k: v for k, v in out.items() if k not in ("pdistogram", "relative_position_encoding")
                 and (cfg.write_embeddings or k != "z")}
@@ -286,10 +336,48 @@ class _Finished:
         self.predict_args = model.predict_args
         self.confidence_prediction = model.confidence_prediction
         self.alpha_pae = model.alpha_pae
-        self.affinity_prediction = False
+        self.affinity_prediction = model.affinity_prediction
+        self.affinity_ensemble = model.affinity_ensemble
 
     def __call__(self, *args, **kwargs) -> dict:
         return self.out
+
+
+def _staging_dir(out: Path, stem: str, writer: bool) -> Path:
+    """Where a rank prepares an input. The writer: a hidden folder in the results, published by
+    rename and tagged with its host and pid, so that a later run can remove it if the writer was
+    killed; every other rank publishes nothing and works in a private temporary folder, so a rank
+    that dies leaves nothing in the results."""
+    if not writer:
+        return Path(tempfile.mkdtemp(prefix=f"boltz_cp_{stem}_"))
+    staging = out / f".staging-{stem}-{os.getpid()}"
+    staging.mkdir(parents=True)
+    (staging / _OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    return staging
+
+
+_OWNER = ".owner"
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove staging folders in `out` left by a killed writer on this host (its pid is gone)."""
+    for staging in out.glob(".staging-*"):
+        try:
+            host, pid = (staging / _OWNER).read_text().split()
+        except (OSError, ValueError):
+            continue
+        if host == socket.gethostname() and not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _publish(staging: Path, out: Path, record_id: str) -> None:

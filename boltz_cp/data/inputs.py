@@ -244,8 +244,10 @@ def parse_target(path: Path, mol_dir: Path, seed: int = 0):
     from boltz.data.parse.fasta import parse_fasta
     from boltz.data.parse.schema import parse_boltz_schema
 
+    from boltz_cp.data.affinity import molecular_weight_shim
+
     canonicals = load_canonicals(mol_dir)
-    with seeded_conformers(seed):
+    with seeded_conformers(seed), molecular_weight_shim():
         return _parse(path, mol_dir, canonicals, parse_fasta, parse_boltz_schema)
 
 
@@ -322,9 +324,14 @@ def write_processed(target, path: Path, dirs: ProcessedDirs, max_msa_seqs: int =
     return record
 
 
-def prepare_tokenized(record, dirs: ProcessedDirs, mol_dir: Path, method: str | None = None):
+def prepare_tokenized(record, dirs: ProcessedDirs, mol_dir: Path, method: str | None = None,
+                      affinity_dir: Path | None = None):
     """Load a processed record, tokenize it and gather its molecules, as upstream's inference
-    dataset does: (tokenized, molecules, pocket constraints, contact constraints)."""
+    dataset does: (tokenized, molecules, pocket constraints, contact constraints).
+
+    With ``affinity_dir`` (a predictions folder holding `<id>/pre_affinity_<id>.npz`) the
+    predicted structure is read instead and cropped around the affinity binder, as upstream's
+    affinity dataset does (boltz_cp/data/affinity.py)."""
     from boltz.data import const
     from boltz.data.mol import load_canonicals, load_molecules
     from boltz.data.module.inferencev2 import load_input
@@ -334,16 +341,21 @@ def prepare_tokenized(record, dirs: ProcessedDirs, mol_dir: Path, method: str | 
         raise InputError(f"unknown method '{method}'; choose one of {sorted(const.method_types_ids)}")
     data = load_input(
         record=record,
-        target_dir=dirs.structures,
+        target_dir=dirs.structures if affinity_dir is None else Path(affinity_dir),
         msa_dir=dirs.msa,
         constraints_dir=dirs.constraints,
         template_dir=dirs.templates,
         extra_mols_dir=dirs.mols,
+        affinity=affinity_dir is not None,
     )
     try:
         tokenized = Boltz2Tokenizer().tokenize(data)
     except Exception as e:  # noqa: BLE001
         raise InputError(f"cannot tokenize {record.id}: {type(e).__name__}: {e}") from None
+    if affinity_dir is not None:
+        from boltz_cp.data.affinity import crop_for_affinity
+
+        tokenized = crop_for_affinity(tokenized, record.id)
     molecules = dict(load_canonicals(mol_dir))
     molecules.update(data.extra_mols)
     missing = set(tokenized.tokens["res_name"].tolist()) - set(molecules)
@@ -366,34 +378,29 @@ def featurize(record, dirs: ProcessedDirs, mol_dir: Path, seed: int, method: str
     """
     import numpy as np
     import torch
-    from boltz.data import const
-    from boltz.data.feature.featurizerv2 import Boltz2Featurizer
     from boltz.data.module.inferencev2 import collate
 
     tokenized, molecules, pocket, contact = prepare_tokenized(record, dirs, mol_dir, method)
     torch.manual_seed(seed)
     try:
-        features = Boltz2Featurizer().process(
-            tokenized,
-            molecules=molecules,
-            random=np.random.default_rng(42),
-            training=False,
-            max_atoms=None,
-            max_tokens=None,
-            max_seqs=const.max_msa_seqs,
-            pad_to_max_seqs=False,
-            single_sequence_prop=0.0,
-            compute_frames=True,
-            inference_pocket_constraints=pocket,
-            inference_contact_constraints=contact,
-            compute_constraint_features=True,
-            override_method=method,
-            compute_affinity=False,
-        )
+        features = upstream_features(tokenized, molecules, np.random.default_rng(42), pocket, contact, method)
     except Exception as e:  # noqa: BLE001
         raise InputError(f"cannot featurize {record.id}: {type(e).__name__}: {e}") from None
     features["record"] = record
     return collate([features])
+
+
+def upstream_features(tokenized, molecules, random, pocket, contact, method, affinity: bool = False) -> dict:
+    """Upstream's inference featurization of one tokenized input (Boltz2Featurizer.process with
+    the settings of its inference dataset; `affinity`: the affinity pass's features)."""
+    from boltz.data import const
+    from boltz.data.feature.featurizerv2 import Boltz2Featurizer
+
+    return Boltz2Featurizer().process(
+        tokenized, molecules=molecules, random=random, training=False, max_atoms=None, max_tokens=None,
+        max_seqs=const.max_msa_seqs, pad_to_max_seqs=False, single_sequence_prop=0.0, compute_frames=True,
+        inference_pocket_constraints=pocket, inference_contact_constraints=contact,
+        compute_constraint_features=True, override_method=method, compute_affinity=affinity)
 
 
 NON_TENSOR_KEYS = frozenset(

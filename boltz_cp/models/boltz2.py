@@ -13,6 +13,10 @@ output dict on the writer rank only.
 Communication per forward: the trunk's; the diffusion conditioning's band gathers; per denoising
 step the score model's halos, token reductions and row merges (no bias tile moves) and one
 all_gather of the coordinates; the confidence pairformer's rings and small all-reduces.
+Affinity (an affinity checkpoint, `forward(..., affinity=AffinityInputs)`): a second input
+embedding with the affinity MSA profile on the mesh (SINGLE_BY_I), then upstream's affinity heads
+on the writer rank on the gathered crop (z, s_inputs) and the best-ipTM sample; outputs
+replicated (one broadcast). Placements and communication: boltz_cp/modules/affinity.py.
 Upstream twin: boltz/model/models/boltz2.py Boltz2.forward (inference path).
 """
 
@@ -34,7 +38,7 @@ from boltz_cp.modules.confidence import ConfidenceInputs, ConfidenceModule
 from boltz_cp.modules.diffusion_conditioning import DiffusionConditioning
 
 MODEL_MODULES = (*TRUNK_MODULES, "diffusion_conditioning", "structure_module", "confidence_module",
-                 "bfactor_module")
+                 "bfactor_module", "affinity_module", "affinity_module1", "affinity_module2")
 
 
 @dataclass
@@ -89,8 +93,7 @@ class Boltz2CP(Boltz2Trunk):
         self.predict_bfactor = hp.get("predict_bfactor", False)
         if self.predict_bfactor:
             self.bfactor_module = BFactorModule(hp["token_s"], hp.get("num_bins", 64))
-        if hp.get("affinity_prediction", False):
-            raise NotImplementedError("the CP model does not predict affinity yet")
+        self._init_affinity(hp)
         self.steering_args = hp.get("steering_args")
         self.predict_args = hp.get("predict_args")
         self.alpha_pae = hp.get("alpha_pae", 0.0)
@@ -104,9 +107,41 @@ class Boltz2CP(Boltz2Trunk):
         cp.steering_args, cp.predict_args = model.steering_args, model.predict_args
         return cp.to(next(model.parameters()).dtype).eval()
 
+    def _init_affinity(self, hp: dict) -> None:
+        """Upstream's affinity heads (`AffinityModule`, run as is on the head rank, see
+        modules/affinity.py) under upstream's names: affinity_module, or affinity_module1 / 2."""
+        from boltz.model.modules.affinity import AffinityModule
+
+        self.affinity_prediction = hp.get("affinity_prediction", False)
+        self.affinity_ensemble = hp.get("affinity_ensemble", False)
+        self.affinity_mw_correction = hp.get("affinity_mw_correction", True)  # upstream's default
+        if not self.affinity_prediction:
+            return
+        if not self.confidence_prediction:
+            raise ValueError("affinity_prediction needs confidence_prediction (ipTM picks the sample)")
+        token_s, token_z = hp["token_s"], hp["token_z"]
+        if self.affinity_ensemble:
+            self.affinity_module1 = AffinityModule(token_s, token_z, **hp["affinity_model_args1"])
+            self.affinity_module2 = AffinityModule(token_s, token_z, **hp["affinity_model_args2"])
+        else:
+            self.affinity_module = AffinityModule(token_s, token_z, **hp["affinity_model_args"])
+
+    def _affinity(self, out: dict[str, Any], affinity, layout: TokenLayout) -> dict[str, Tensor]:
+        """Upstream's affinity block: the input embedding with the affinity MSA profile on the
+        mesh, then the heads on the crop's gathered z / s_inputs and the best-ipTM sample, on the
+        head rank; results replicated (modules/affinity.py, placements there)."""
+        from boltz_cp.modules.affinity import AffinityInputs, affinity_heads
+
+        if not isinstance(affinity, AffinityInputs):
+            raise TypeError("Boltz2CP.forward: an affinity checkpoint needs affinity=AffinityInputs.cut(...)")
+        s_inputs = self.input_embedder(affinity.embedder, layout)
+        heads = [self.affinity_module1, self.affinity_module2] if self.affinity_ensemble else [self.affinity_module]
+        return affinity_heads(heads, out["z"], s_inputs, out["sample_atom_coords"], out["iptm"], affinity,
+                              layout, self.affinity_mw_correction)
+
     def forward(self, inputs: ModelInputs, layout: TokenLayout, recycling_steps: int = 0,  # type: ignore[override]
                 num_sampling_steps: int | None = None, diffusion_samples: int = 1,
-                max_parallel_samples: int | None = None) -> dict[str, Any]:
+                max_parallel_samples: int | None = None, affinity=None) -> dict[str, Any]:
         out = super().forward(inputs.trunk, layout, recycling_steps)
         s, z, s_inputs = out["s"], out["z"], out["s_inputs"]
         embedder = inputs.trunk.embedder
@@ -128,6 +163,8 @@ class Boltz2CP(Boltz2Trunk):
             out.update(self.confidence_module(s_inputs, s, z, out["sample_atom_coords"], inputs.confidence,
                                               logits, layout, multiplicity=diffusion_samples,
                                               run_sequentially=True))
+        if self.affinity_prediction:
+            out.update(self._affinity(out, affinity, layout))
         return out
 
 

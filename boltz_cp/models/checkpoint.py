@@ -27,6 +27,10 @@ intra/inter PAE/PDE heads), b-factor head on. It builds 506,724,992 parameters, 
 reported for the released `boltz2_conf.ckpt` loaded strictly into `Boltz2`, and a random `full`
 checkpoint loads through upstream's own predict-time call (its 64-block / MSA / diffusion
 overrides, strict=True). Guessed keys (none of which shapes a weight) are in `FULL_PRESET_NOTES`.
+
+The affinity checkpoint (`boltz2_aff.ckpt`, read by the affinity pass of `boltz_cp predict`) is a
+whole Boltz-2 (trunk, diffusion, confidence) plus the affinity heads; preset `tiny-affinity` is
+the `tiny` model with an ensemble of two small affinity heads (see `AFFINITY_PRESET_NOTES`).
 """
 
 from __future__ import annotations
@@ -42,9 +46,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from boltz_cp.errors import CheckpointError, ConfigError
+from boltz_cp.errors import CheckpointError, ConfigError, RankFailure
 
 CHECKPOINT_NAME = "boltz2_conf.ckpt"
+AFFINITY_CHECKPOINT_NAME = "boltz2_aff.ckpt"
 RANDOM_MARKER = "boltz_cp_random_preset"
 HF_REPO = "boltz-community/boltz-2"
 HF_URL = f"https://huggingface.co/{HF_REPO}/resolve/main/{CHECKPOINT_NAME}"
@@ -318,6 +323,52 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+def _affinity_head_args(pairformer_blocks: int, head_s: int) -> dict[str, Any]:
+    """`affinity_model_args{,1,2}` of one AffinityModule: its pair stack and head widths."""
+    return {
+        "use_cross_transformer": False,
+        "num_dist_bins": 64,
+        "max_dist": 22,
+        "groups": {},
+        "pairformer_args": {
+            "num_blocks": pairformer_blocks,
+            "dropout": 0.25,
+            "pairwise_head_width": 8,
+            "pairwise_num_heads": 2,
+            "activation_checkpointing": False,
+        },
+        # AffinityHeadsTransformer reads token_s (the MLP width); num_blocks / num_heads are unused.
+        "transformer_args": {"token_s": head_s, "num_blocks": 1, "num_heads": 2, "activation_checkpointing": False},
+    }
+
+
+# The `tiny` model with Boltz-2's affinity heads (an ensemble of two, as the released affinity
+# checkpoint), narrow and shallow: what the affinity pass of `boltz_cp predict` reads in tests.
+PRESETS["tiny-affinity"] = {
+    **copy.deepcopy(PRESETS["tiny"]),
+    "affinity_prediction": True,
+    "affinity_ensemble": True,
+    "affinity_mw_correction": True,  # upstream Boltz2's default; the CLI sets it (default false)
+    "affinity_model_args1": _affinity_head_args(2, 16),
+    "affinity_model_args2": _affinity_head_args(1, 16),
+}
+
+# What in the `tiny-affinity` preset follows upstream and what is guessed.
+AFFINITY_PRESET_NOTES = {
+    "from upstream code": (
+        "affinity_prediction with affinity_ensemble (Boltz2 builds affinity_module1 / 2; upstream's "
+        "writer and docs report the ensemble's *1 / *2 values), AffinityModule defaults num_dist_bins "
+        "64 / max_dist 22, the heads' MLP width from transformer_args['token_s']; the affinity forward "
+        "needs the confidence module (ipTM picks the sample), which the preset keeps on"
+    ),
+    "guessed (released values reported by third parties: pair stacks of 8 and 4 blocks, head width "
+    "384, groups {0: 1, 1: 4, 2: 6, 3: 4, 4: 1})": (
+        "the sizes here (2 and 1 blocks, width 16, no groups), and that the affinity checkpoint's "
+        "trunk has the structure checkpoint's architecture; affinity_mw_correction true in the saved "
+        "hparams (upstream's __init__ default; `boltz predict` and `boltz_cp predict` override it)"
+    ),
+}
+
 # What in the `full` preset is known and what is guessed (reported by `describe_preset`).
 FULL_PRESET_NOTES = {
     "from upstream code": (
@@ -361,15 +412,33 @@ def default_checkpoint_path(cache: Path) -> Path:
     return Path(cache) / CHECKPOINT_NAME
 
 
-def _how_to_get_weights(path: Path) -> str:
+def default_affinity_checkpoint_path(cache: Path) -> Path:
+    return Path(cache) / AFFINITY_CHECKPOINT_NAME
+
+
+def _how_to_get_weights(path: Path, name: str = CHECKPOINT_NAME, setting: str = "checkpoint",
+                        preset: str = "tiny") -> str:
     cache_hint = "$BOLTZ_CACHE" if os.environ.get("BOLTZ_CACHE") else "~/.boltz"
+    url = f"https://huggingface.co/{HF_REPO}/resolve/main/{name}"
     return (
         f"to get the real weights, run `boltz predict` once with network access (it downloads "
-        f"{CHECKPOINT_NAME} into its cache dir, {cache_hint}), or download {CHECKPOINT_NAME} from "
-        f"the Hugging Face repo {HF_REPO} ({HF_URL}) into {path.parent}, or pass checkpoint=PATH; "
+        f"{name} into its cache dir, {cache_hint}), or download {name} from "
+        f"the Hugging Face repo {HF_REPO} ({url}) into {path.parent}, or pass {setting}=PATH; "
         f"for testing only, make a random-weight one with "
-        f"`python scripts/make_random_checkpoint.py {path} --preset tiny`"
+        f"`python scripts/make_random_checkpoint.py {path} --preset {preset}`"
     )
+
+
+def require_affinity_checkpoint(path: Path) -> Path:
+    """`path` if it exists; else CheckpointError naming it and how to get the affinity weights."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        state = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise CheckpointError(
+            f"Boltz-2 affinity checkpoint not found: {path} {state} (the affinity property needs it); "
+            f"{_how_to_get_weights(path, AFFINITY_CHECKPOINT_NAME, 'affinity_checkpoint', 'tiny-affinity')}"
+        )
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,7 +649,11 @@ def read_checkpoint(path, map_location="cpu") -> dict[str, Any]:
     if path.is_dir():
         raise CheckpointError(f"Boltz-2 checkpoint {path} is a directory, not a checkpoint file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        try:
+            # Memory-mapped: the ranks of a node share the file's pages instead of each reading a copy.
+            ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) file cannot be mapped
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001 -- anything torch.load throws means "not readable"
         detail = _first_sentence(str(e))
         raise CheckpointError(
@@ -645,6 +718,7 @@ def load_boltz2(
     use_kernels: bool = False,
     map_location="cpu",
     cp: bool = False,
+    affinity_mw_correction: bool | None = None,
 ):
     """Build `Boltz2` from the checkpoint's own hyperparameters, load its weights strictly, `.eval()`.
 
@@ -661,7 +735,9 @@ def load_boltz2(
         predict does (fk_steering / physical_guidance_update off, contact guidance on);
       * `msa_overrides` -- `subsample_msa`, `num_subsampled_msa` merged over the checkpoint's
         `msa_args`;
-      * `use_kernels`, and `ema=False`.
+      * `use_kernels`, and `ema=False`;
+      * `affinity_mw_correction` (affinity checkpoints; None keeps the checkpoint's), as upstream's
+        `boltz predict --affinity_mw_correction` does.
 
     Returns (model, info) with info = {path, random_preset (str or None), hparams (summary),
     num_parameters, pytorch_lightning_version}. Raises CheckpointError for a missing, unreadable or
@@ -694,6 +770,8 @@ def load_boltz2(
     hp["msa_args"] = _merge_overrides(hp.get("msa_args"), msa_overrides, MSA_OVERRIDE_KEYS, "msa")
     hp["use_kernels"] = bool(use_kernels)
     hp["ema"] = False
+    if affinity_mw_correction is not None:
+        hp["affinity_mw_correction"] = bool(affinity_mw_correction)
 
     try:
         if cp:
@@ -702,6 +780,8 @@ def load_boltz2(
             model = Boltz2CP(hp)
         else:
             model = build_model(hp)
+    except RankFailure:
+        raise
     except Exception as e:  # noqa: BLE001 -- hparams that do not build a Boltz2
         raise CheckpointError(
             f"Boltz-2 checkpoint {path}: its hyper_parameters do not build a Boltz2 model "
