@@ -111,3 +111,25 @@ def test_stale_staging_of_a_killed_writer_is_removed(tmp_path):
     private = _staging_dir(tmp_path, "x", writer=False)  # other ranks never stage in the results
     assert tmp_path not in private.parents
     private.rmdir()
+
+
+def test_out_of_memory_is_one_line_naming_the_input(tmp_path, small_input, boltz_cache, tiny_ckpt, monkeypatch, capsys):
+    """In process (a world of one): an allocator failure inside the model is reported as one line
+    that names the input and its size, exit status 2, and nothing is left in the results."""
+    import torch
+
+    import boltz_cp.cli.predict as predict
+    from boltz_cp.cli.main import main
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(predict, "run_model", out_of_memory)
+    out = tmp_path / "out"
+    rc = main(["predict", str(small_input), f"out_dir={out}", f"cache={boltz_cache}", f"checkpoint={tiny_ckpt}",
+               "recycling_steps=0", "sampling_steps=2", "progress=false"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert re.search(r"boltz_cp: error: small: out of memory on cpu at \d+ tokens \(mesh 1x1\)", err), err
+    assert not (out / "boltz_results_small" / "predictions").exists()
+    assert not list(out.rglob(".staging-*"))

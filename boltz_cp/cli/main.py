@@ -69,17 +69,22 @@ def _main(argv: list[str]) -> int:
             raise ConfigError(f"unknown command '{command}' (available: predict)")
         return _predict(rest)
     except BoltzCPError as e:
-        print(f"boltz_cp: error: {_rank_prefix()}{e}", file=sys.stderr, flush=True)
-        return 2
+        return _report(f"error: {_rank_prefix()}{e}", 2)
     except KeyboardInterrupt:
-        print(f"boltz_cp: {_rank_prefix()}interrupted", file=sys.stderr, flush=True)
-        return 130
+        return _report(f"{_rank_prefix()}interrupted", 130)
     except RuntimeError as e:
         failure = peer_failure(e)
         if failure is None:
             raise
-        print(f"boltz_cp: error: {_rank_prefix()}{failure}", file=sys.stderr, flush=True)
-        return 2
+        return _report(f"error: {_rank_prefix()}{failure}", 2)
+
+
+def _report(message: str, status: int) -> int:
+    # The launcher's SIGTERM often lands while a rank reports its own failure: ignore it from
+    # here on, so the one line is not replaced by a second error's traceback.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(f"boltz_cp: {message}", file=sys.stderr, flush=True)
+    return status
 
 
 def _predict(args: list[str]) -> int:

@@ -231,7 +231,13 @@ def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, preci
             assert affinity_model is not None, "inputs asking for affinity load the affinity model"
             log(f"{record.id}: affinity property: a second pass after the structure")
 
-        pred = run_model(model, batch, cfg, mesh, device, precision, log)
+        try:
+            pred = run_model(model, batch, cfg, mesh, device, precision, log)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+                raise
+            raise BoltzCPError(f"{record.id}: out of memory on {device} at {n_tokens} tokens "
+                               f"(mesh {mesh.rows}x{mesh.cols}); a larger mesh holds less per rank") from None
         if pred is not None and pred.get("exception"):
             raise BoltzCPError(f"{record.id}: out of memory on {device} at {n_tokens} tokens")
         staged = staging / "predictions"
