@@ -12,7 +12,9 @@ def parity_on_mesh(mesh, name, n, dtype="float64", preset="tiny", seed=0):
 
 
 def assert_parity(run_on_mesh, name, side, n, dtype="float64", preset="tiny", timeout=120):
-    results = run_on_mesh(parity_on_mesh, side, side, name, n, dtype, preset, timeout=timeout)
+    """``side``: p for a p x p mesh, or (rows, cols)."""
+    rows, cols = (side, side) if isinstance(side, int) else side
+    results = run_on_mesh(parity_on_mesh, rows, cols, name, n, dtype, preset, timeout=timeout)
     lines = {line for line, _ in results}
     assert len(lines) == 1, f"ranks disagree: {lines}"
     line, passed = results[0]

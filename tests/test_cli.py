@@ -37,6 +37,7 @@ EXPECTED_KEYS = {
     "subsample_msa", "num_subsampled_msa", "max_msa_seqs", "precision", "device", "output_format",
     "write_full_pae", "write_full_pde", "write_embeddings", "timeout_s", "progress", "model",
     "affinity_checkpoint", "sampling_steps_affinity", "diffusion_samples_affinity", "affinity_mw_correction",
+    "dp",
 }
 
 
@@ -201,19 +202,20 @@ def _assert_same_prediction(got: dict, want: dict) -> None:
             assert np.abs(g_arrays[f] - a).max() <= 1e-4, (k, f)
 
 
-def _assert_cp_equals_reference(tmp_path: Path, inp: Path, cache: Path, ckpt: Path, *extra: str) -> None:
-    """Reference backend once, then the cp backend on 1x1, 2x2 and 3x3: the same files within the bar."""
+def _assert_cp_equals_reference(tmp_path: Path, inp: Path, cache: Path, ckpt: Path, *extra: str,
+                                meshes=((1, 1), (2, 2), (3, 3))) -> None:
+    """Reference backend once, then the cp backend on each mesh: the same files within the bar."""
     name = inp.stem
     ref_out = tmp_path / "ref"
     r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(inp, ref_out, cache, ckpt, *CP_ARGS, *extra)],
              timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     want = _prediction(ref_out, name)
-    for side in (1, 2, 3):
-        out = tmp_path / f"cp{side}"
-        args = _predict_args(inp, out, cache, ckpt, *CP_ARGS, *extra, "model.backend=cp", f"mesh={side}x{side}")
-        r = (_run([sys.executable, "-m", "boltz_cp", *args], timeout=300) if side == 1
-             else _torchrun(side * side, args, timeout=600))
+    for rows, cols in meshes:
+        out = tmp_path / f"cp{rows}x{cols}"
+        args = _predict_args(inp, out, cache, ckpt, *CP_ARGS, *extra, "model.backend=cp", f"mesh={rows}x{cols}")
+        r = (_run([sys.executable, "-m", "boltz_cp", *args], timeout=300) if rows * cols == 1
+             else _torchrun(rows * cols, args, timeout=600))
         assert r.returncode == 0, r.stderr[-3000:]
         _assert_same_prediction(_prediction(out, name), want)
         assert not list(out.rglob(".staging-*"))
@@ -224,13 +226,43 @@ def test_cp_backend_equals_reference_on_1x1_2x2_3x3(tmp_path, small_input, boltz
     _assert_cp_equals_reference(tmp_path, small_input, boltz_cache, tiny_ckpt)
 
 
+@pytest.mark.parametrize("meshes", [((2, 3),), pytest.param(((1, 2), (2, 1), (2, 4)), marks=pytest.mark.slow)],
+                         ids=["2x3", "1x2-2x1-2x4"])
+def test_cp_backend_equals_reference_on_rectangular_meshes(tmp_path, small_input, boltz_cache, tiny_ckpt, meshes):
+    """Any R x C mesh folds the same structure: 2x3 (6 ranks) in CI; 1x2, 2x1 and 2x4 (8 ranks)
+    on demand (-m slow)."""
+    _assert_cp_equals_reference(tmp_path, small_input, boltz_cache, tiny_ckpt, meshes=meshes)
+
+
+def test_cp_backend_bf16_mixed(tmp_path, small_input, boltz_cache, tiny_ckpt):
+    """precision=bf16-mixed under CP (fp32 weights, bf16 autocast, upstream's inference precision):
+    a 1x2 run writes finite structures and confidences, and they are not the fp32 run's (the
+    autocast took effect). Closeness to the serial model in bf16 is the parity tool's verdict
+    (tests/test_parity_bf16.py): sampling amplifies bf16 round-off too much for a file-level bar."""
+    out = {}
+    for precision in ("bf16-mixed", "fp32"):
+        out[precision] = tmp_path / precision
+        args = _predict_args(small_input, out[precision], boltz_cache, tiny_ckpt, *CP_ARGS[:-1],
+                             f"precision={precision}", "model.backend=cp", "mesh=1x2")
+        r = _torchrun(2, args, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    import numpy as np
+
+    got, fp32 = _prediction(out["bf16-mixed"]), _prediction(out["fp32"])
+    for k in got:
+        assert np.isfinite(got[k][0]).all() and 0 <= got[k][1]["confidence_score"] <= 1
+        assert np.abs(got[k][0] - fp32[k][0]).max() > 1e-3
+    assert "precision: bf16-mixed" in (out["bf16-mixed"] / "boltz_results_small" / "boltz_cp_config.yaml").read_text()
+
+
 def test_cp_backend_with_potentials_equals_reference(tmp_path, small_input, boltz_cache, tiny_ckpt):
     """use_potentials=true (fk steering, physical guidance) and a forced pocket (contact guidance):
-    the steering potentials act under CP exactly as in the serial model."""
+    the steering potentials act under CP exactly as in the serial model. On a 2x3 mesh: the
+    potentials parity case covers 1x1, 2x2 and 3x3 in float64 (tests/test_parity_model.py)."""
     forced = tmp_path / "forced.yaml"
     forced.write_text(small_input.read_text() + "constraints:\n  - pocket:\n      binder: D\n"
                       "      contacts: [[A, 2]]\n      max_distance: 6.0\n      force: true\n")
-    _assert_cp_equals_reference(tmp_path, forced, boltz_cache, tiny_ckpt, "use_potentials=true")
+    _assert_cp_equals_reference(tmp_path, forced, boltz_cache, tiny_ckpt, "use_potentials=true", meshes=((2, 3),))
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Ring shifts, transpose exchange and Cannon skew against values computed from full matrices;
 message counters pinned per rank.
 
-Tier: gloo CPU, 1x1 / 2x2 / 3x3 (and 1x4 for the non-square error).
+Tier: gloo CPU, 1x1 / 2x2 / 3x3, and the rectangular 1x2, 2x1, 2x3, 3x2, 2x4 (generic
+transpose, column blocks, SUMMA products).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from boltz_cp.distributed import (
     skew,
     transpose_exchange,
 )
-from boltz_cp.errors import ConfigError
+from boltz_cp.distributed.comm import column_block
 
 TILE = (2, 3, 5)  # a small [B, n, C]-like tile, fp64
 NBYTES = 2 * 3 * 5 * 8
@@ -96,16 +97,94 @@ def test_transpose_exchange(run_on_mesh, p):
     assert sum(cnt["transpose"] for _, _, cnt in res) == p * p - p
 
 
-def _transpose_rect(mesh: CPMesh):
-    try:
-        transpose_exchange(_tile_of(mesh.rank), mesh)
-    except ConfigError as e:
-        return str(e)
-    return None
+RECT = [(1, 2), (2, 1), (2, 3), (3, 2), (2, 4)]
 
 
-def test_transpose_needs_square_mesh(run_on_mesh):
-    assert all(m is not None and "square mesh" in m for m in run_on_mesh(_transpose_rect, 1, 4))
+def _rect_transpose(mesh: CPMesh, full: torch.Tensor, transposed_grid: bool):
+    """My tile of ``full`` [B, D0, D1, C] on the (possibly transposed) grid -> the tile of the
+    transposed layout."""
+    grid = mesh.grid(transposed=transposed_grid)
+    a, b = grid.coord
+    d0, d1 = full.shape[1] // grid.rows, full.shape[2] // grid.cols
+    tile = full[:, a * d0:(a + 1) * d0, b * d1:(b + 1) * d1].clone()
+    reset_comm_counters()
+    return transpose_exchange(tile, mesh, grid=grid).wait(), comm_counters()
+
+
+@pytest.mark.parametrize("rows,cols", RECT)
+@pytest.mark.parametrize("transposed_grid", [False, True])
+def test_transpose_exchange_rectangular(run_on_mesh, rows, cols, transposed_grid):
+    # D0 = 12, D1 = 24: multiples of rows*cols on every mesh here; not square, so a mix-up of
+    # the two dims cannot pass.
+    full = torch.arange(2 * 12 * 24 * 3, dtype=torch.float64).view(2, 12, 24, 3)
+    res = run_on_mesh(_rect_transpose, rows, cols, full, transposed_grid)
+    g_rows, g_cols = (cols, rows) if transposed_grid else (rows, cols)
+    for rank, (out, counts) in enumerate(res):
+        r, c = divmod(rank, cols)
+        a, b = (c, r) if transposed_grid else (r, c)
+        # rows: block b of D0 in g_cols parts; cols: block a of D1 in g_rows parts.
+        n0, n1 = 12 // g_cols, 24 // g_rows
+        torch.testing.assert_close(out, full[:, b * n0:(b + 1) * n0, a * n1:(a + 1) * n1], rtol=0, atol=0)
+        assert counts["transpose"] <= (-(-g_rows // g_cols) + 1) * (-(-g_cols // g_rows) + 1)
+    if rows * cols > 1:
+        assert sum(cnt["transpose"] for _, cnt in res) > 0
+
+
+def _column_block(mesh: CPMesh, full: torch.Tensor):
+    r = mesh.coord[0]
+    n = full.shape[1] // mesh.rows
+    reset_comm_counters()
+    return column_block(full[:, r * n:(r + 1) * n].clone(), mesh).wait(), comm_counters()
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (2, 2), (3, 3)] + RECT)
+def test_column_block(run_on_mesh, rows, cols):
+    full = torch.arange(2 * 24 * 5, dtype=torch.float64).view(2, 24, 5)
+    res = run_on_mesh(_column_block, rows, cols, full)
+    for rank, (out, counts) in enumerate(res):
+        r, c = divmod(rank, cols)
+        n = 24 // cols
+        torch.testing.assert_close(out, full[:, c * n:(c + 1) * n], rtol=0, atol=0)
+        if rows == cols:  # one swap with the transpose partner, as before
+            assert counts["transpose"] == int(r != c)
+
+
+def _summa(mesh: CPMesh, a_full: torch.Tensor, b_full: torch.Tensor):
+    from boltz_cp.distributed.cannon import cannon_matmul
+
+    r, c = mesh.coord
+    m, k = a_full.shape[-2] // mesh.rows, a_full.shape[-1] // mesh.cols
+    kb, n = b_full.shape[-2] // mesh.rows, b_full.shape[-1] // mesh.cols
+    a = a_full[..., r * m:(r + 1) * m, c * k:(c + 1) * k]
+    b = b_full[..., r * kb:(r + 1) * kb, c * n:(c + 1) * n]
+    # The transposed forms: my tile of A^T / B^T, oriented back as [m, k] / [k, n] blocks.
+    at = a_full.transpose(-1, -2)[..., r * (a_full.shape[-1] // mesh.rows):(r + 1) * (a_full.shape[-1] // mesh.rows),
+                                  c * (a_full.shape[-2] // mesh.cols):(c + 1) * (a_full.shape[-2] // mesh.cols)]
+    bt = b_full.transpose(-1, -2)[..., r * (b_full.shape[-1] // mesh.rows):(r + 1) * (b_full.shape[-1] // mesh.rows),
+                                  c * (b_full.shape[-2] // mesh.cols):(c + 1) * (b_full.shape[-2] // mesh.cols)]
+    reset_comm_counters()
+    plain = cannon_matmul(a, b, mesh)
+    counts = comm_counters()
+    both = cannon_matmul(at.transpose(-1, -2), bt.transpose(-1, -2), mesh, a_transposed=True, b_transposed=True)
+    return plain, both, counts
+
+
+@pytest.mark.parametrize("rows,cols", RECT)
+def test_summa_matmul_against_full_product(run_on_mesh, rows, cols):
+    g = torch.Generator().manual_seed(3)
+    a_full = torch.randn(2, 12, 24, generator=g, dtype=torch.float64)
+    b_full = torch.randn(2, 24, 36, generator=g, dtype=torch.float64)
+    want = a_full @ b_full
+    res = run_on_mesh(_summa, rows, cols, a_full, b_full)
+    for rank, (plain, both, counts) in enumerate(res):
+        r, c = divmod(rank, cols)
+        m, n = 12 // rows, 36 // cols
+        block = want[:, r * m:(r + 1) * m, c * n:(c + 1) * n]
+        torch.testing.assert_close(plain, block, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(both, block, rtol=1e-12, atol=1e-12)
+        # I root one broadcast per ring of size > 1 (my own block).
+        assert counts["broadcast"] == int(cols > 1) + int(rows > 1)
+        assert counts["ring_shift"] == counts["skew"] == 0
 
 
 def _full(seed: int, p: int, n: int) -> torch.Tensor:

@@ -147,10 +147,36 @@ def test_mesh_world_mismatch_raises_on_every_rank(run_on_world):
     assert len(res) == 4
     for msg, elapsed in res:
         assert msg == ("mesh 3x3 needs 9 processes but the world size is 4 (launch with "
-                       "torchrun --nproc-per-node 9, or pass mesh=...)")
+                       "torchrun --nproc-per-node 9, or pass mesh=... / mesh=auto)")
         assert elapsed < 1.0
     res = run_on_world(_build_mismatch, 4, 1, 2, timeout=20)
     assert all(msg is not None and "needs 2 processes" in msg for msg, _ in res)
+
+
+def _dp_mesh():
+    from boltz_cp.distributed import ring_shift
+    from boltz_cp.distributed.tiles import gather_pair, pair_from_tile
+
+    mesh = CPMesh.build(1, 2, dp=2)
+    tile = torch.full((1, 2, 1, 1), float(mesh.rank))
+    full = gather_pair(pair_from_tile(tile, mesh), mesh, dst=mesh.writer)
+    shifted = ring_shift(tile, mesh, "j", 1).wait()
+    return (mesh.coord, mesh.dp_index, mesh.writer, mesh.is_writer,
+            dist.get_process_group_ranks(mesh.ring_j), dist.get_process_group_ranks(mesh.group),
+            dist.get_process_group_ranks(mesh.dp_group), None if full is None else full.flatten().tolist(),
+            float(shifted.flatten()[0]))
+
+
+def test_data_parallel_meshes(run_on_world):
+    """dp=2 of 1x2 on 4 ranks: two independent meshes {0, 1} and {2, 3}, each with its writer."""
+    res = run_on_world(_dp_mesh, 4, timeout=60)
+    for rank, (coord, d, writer, is_writer, ring_j, group, dp_group, full, shifted) in enumerate(res):
+        base = 2 * (rank // 2)
+        assert coord == (0, rank % 2) and d == rank // 2 and writer == base and is_writer == (rank == base)
+        assert ring_j == group == [base, base + 1] and dp_group == [rank % 2, rank % 2 + 2]
+        # The writer gathers its own mesh's tiles only; shifts stay inside the mesh.
+        assert full == ([float(base), float(base + 1)] * 2 if is_writer else None)
+        assert shifted == float(base + (rank + 1) % 2)
 
 
 def test_parse_mesh():

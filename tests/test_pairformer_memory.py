@@ -1,10 +1,11 @@
 """No full-size N x N allocation in a CP pairformer forward; tile-local ops stay silent.
 
-Tier: gloo CPU, 2x2 (and 1x1 as the control that the guard can fire).
+Tier: gloo CPU, 2x2 and 2x3 (and 1x1 as the control that the guard can fire).
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from boltz_cp.distributed import TokenLayout, comm_counters, pair_from_tile, reset_comm_counters, single_from_local
@@ -43,8 +44,10 @@ def _guarded_pairformer(mesh, n):
     return guard.violations
 
 
-def test_no_full_size_tensor_on_2x2(run_on_mesh):
-    for rank, violations in enumerate(run_on_mesh(_guarded_pairformer, 2, 2, N, timeout=240)):
+@pytest.mark.parametrize("rows,cols", [(2, 2), (2, 3)])
+def test_no_full_size_tensor(run_on_mesh, rows, cols):
+    """2x3 runs the SUMMA schedules and the generic transposes (150 tokens: tiles of 75 x 50)."""
+    for rank, violations in enumerate(run_on_mesh(_guarded_pairformer, rows, cols, N, timeout=240)):
         assert violations == [], f"rank {rank} allocated full-size tensors: {violations[:5]}"
 
 

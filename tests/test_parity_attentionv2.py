@@ -189,19 +189,3 @@ def test_no_full_token_dim_on_2x2(run_on_mesh):
     """N=50 (padded 52) is above every channel width here (max C_s+1 = 33)."""
     for rank, violations in enumerate(run_on_mesh(_full_size_dims, 2, 2, 50)):
         assert violations == [], f"rank {rank}: {violations[:5]}"
-
-
-def _non_square(mesh):
-    from boltz_cp.errors import ConfigError
-
-    _, cp, x, layout = _setup(mesh, 4)
-    try:
-        _cp_forward(cp, x, layout)
-    except ConfigError as e:
-        return str(e)
-    return None
-
-
-def test_non_square_mesh_raises_config_error(run_on_mesh):
-    for message in run_on_mesh(_non_square, 1, 2):
-        assert message is not None and "square" in message

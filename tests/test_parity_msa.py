@@ -73,7 +73,7 @@ def test_opm_message_counts_and_tile_memory(run_on_mesh, side):
     for rank, (counts, violations, finite, _) in enumerate(results):
         r, c = divmod(rank, side)
         expected = {"ring_shift": 2 * (side - 1), "transpose": int((r, c) != (0, 0)), "skew": int(c != 0),
-                    "local_copy": 0}
+                    "broadcast": 0, "local_copy": 0}
         sent = sum(expected.values())
         assert counts == {**expected, "bytes_sent": sent * block_bytes}, f"rank {rank}: {counts}"
         assert violations == [], f"rank {rank} allocated full-size tensors: {violations[:3]}"
@@ -119,7 +119,7 @@ def test_pwa_message_counts_and_tile_memory(run_on_mesh):
     for rank, (counts, violations, finite) in enumerate(results):
         r, c = divmod(rank, side)
         transpose, skew = int((r, c) != (0, 0)), int(r != 0)
-        expected = {"ring_shift": 2 * (side - 1), "transpose": transpose, "skew": skew, "local_copy": 0,
+        expected = {"ring_shift": 2 * (side - 1), "transpose": transpose, "skew": skew, "broadcast": 0, "local_copy": 0,
                     "bytes_sent": (side - 1) * (v_bytes + w_bytes) + transpose * w_bytes + skew * v_bytes}
         assert counts == expected, f"rank {rank}: {counts}"
         assert violations == [], f"rank {rank} allocated full-size tensors: {violations[:3]}"

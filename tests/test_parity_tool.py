@@ -33,8 +33,8 @@ def test_parity_plain_and_usage_errors():
     r = _run([sys.executable, "-m", "boltz_cp.parity", "nonsense"])
     assert r.returncode == 2 and "invalid choice" in r.stderr
     r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-              "-m", "boltz_cp.parity", "transition_z"])
-    assert r.returncode != 0 and "2 processes is not a square" in r.stderr
+              "-m", "boltz_cp.parity", "transition_z", "--mesh", "2x2"])
+    assert r.returncode != 0 and "mesh 2x2 needs 4 processes but the world size is 2" in r.stderr, r.stderr[-2000:]
 
 
 def _all_float32_full(mesh, n):

@@ -1,8 +1,8 @@
 """Triangle multiplication CP twins (Cannon) vs upstream. Tier: gloo CPU, 1x1 / 2x2 / 3x3.
 
 Parity in float64 on uneven N with whole pad tiles; one float32 full-width check; the exact
-message counts of one forward; no full-size N x N allocation; strict checkpoint keys;
-ConfigError on a non-square mesh.
+message counts of one forward; no full-size N x N allocation; strict checkpoint keys. Rectangular meshes:
+tests/test_parity_rectangular.py.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_message_counts_and_tile_memory(run_on_mesh, side, outgoing):
     for rank, (counts, violations, finite) in enumerate(results):
         r, c = divmod(rank, side)
         expected = {"ring_shift": 2 * (side - 1), "transpose": int((r, c) != (0, 0)),
-                    "skew": int((r if outgoing else c) != 0), "local_copy": 0}
+                    "skew": int((r if outgoing else c) != 0), "broadcast": 0, "local_copy": 0}
         sent = sum(expected.values())
         assert counts == {**expected, "bytes_sent": sent * tile_bytes}, f"rank {rank}: {counts}"
         assert violations == [], f"rank {rank} allocated full-size tensors: {violations[:3]}"
@@ -71,7 +71,7 @@ def test_message_counts_and_tile_memory(run_on_mesh, side, outgoing):
 
 def test_one_by_one_sends_nothing(run_on_mesh):
     (counts, _, finite), = run_on_mesh(_counted_forward, 1, 1, True, 7)
-    assert finite and counts == {"ring_shift": 0, "transpose": 0, "skew": 0, "local_copy": 0, "bytes_sent": 0}
+    assert finite and counts == {"ring_shift": 0, "transpose": 0, "skew": 0, "broadcast": 0, "local_copy": 0, "bytes_sent": 0}
 
 
 def test_state_dict_loads_strictly():
@@ -83,23 +83,3 @@ def test_state_dict_loads_strictly():
         ref, ours = getattr(up, name)(16), getattr(cp, name)(16)
         assert list(ours.state_dict()) == list(ref.state_dict())
         ours.load_state_dict(ref.state_dict(), strict=True)
-
-
-def _non_square(mesh):
-    from boltz_cp.distributed import TokenLayout
-    from boltz_cp.errors import ConfigError
-    from boltz_cp.layers.triangular_mult import TriangleMultiplicationOutgoing
-
-    layout = TokenLayout(6, mesh)
-    x = layout.shard_pair(torch.zeros(1, 6, 6, 8))
-    mask = layout.shard_pair(torch.ones(1, 6, 6))
-    try:
-        TriangleMultiplicationOutgoing(8)(x, mask, layout)
-    except ConfigError as e:
-        return str(e)
-    return None
-
-
-def test_non_square_mesh_raises(run_on_mesh):
-    for msg in run_on_mesh(_non_square, 1, 2):
-        assert msg is not None and "1x2" in msg

@@ -1,8 +1,8 @@
 """Trunk pair init (relative position encoding, outer sum) and distogram head vs upstream.
 
 Tier: no process group (state-dict keys); gloo CPU 1x1 / 2x2 / 3x3 in float64 (parity, pad
-finiteness, message counts), 2x2 float32 at Boltz-2 widths, and 1x2 (relpos needs no square
-mesh; the outer sum and the distogram refuse it).
+finiteness, message counts), 2x2 float32 at Boltz-2 widths, and 1x2. Other rectangular meshes:
+tests/test_parity_rectangular.py.
 """
 
 from __future__ import annotations
@@ -136,30 +136,10 @@ def test_communication_per_forward_2x2(run_on_mesh):
     outer_bytes, disto_bytes = n_block * C_Z * 8, n_block * n_block * C_Z * 8
     for rank, (relpos, outer, disto) in enumerate(run_on_mesh(_communication, 2, 2, 10)):
         diagonal = rank in (0, 3)
-        assert relpos == ({"ring_shift": 0, "transpose": 0, "skew": 0, "local_copy": 0, "bytes_sent": 0}, 0)
+        assert relpos == ({"ring_shift": 0, "transpose": 0, "skew": 0, "broadcast": 0, "local_copy": 0, "bytes_sent": 0}, 0)
         for (p2p, collectives), nbytes in ((outer, outer_bytes), (disto, disto_bytes)):
             assert collectives == 0, (rank, collectives)
             assert p2p["transpose"] == (0 if diagonal else 1), (rank, p2p)
             assert p2p["local_copy"] == (1 if diagonal else 0), (rank, p2p)
             assert p2p["ring_shift"] == p2p["skew"] == 0, (rank, p2p)
             assert p2p["bytes_sent"] == (0 if diagonal else nbytes), (rank, p2p)
-
-
-def _non_square(mesh):
-    from boltz_cp.errors import ConfigError
-
-    pair_init, distogram, x, layout = _setup(mesh, 4)
-    messages = []
-    for call in (lambda: distogram(layout.shard_pair(x["z"]), layout),
-                 lambda: _run(pair_init, distogram, x, layout)):
-        try:
-            call()
-            messages.append(None)
-        except ConfigError as e:
-            messages.append(str(e))
-    return messages
-
-
-def test_non_square_mesh_raises_config_error(run_on_mesh):
-    for messages in run_on_mesh(_non_square, 1, 2):
-        assert all(m is not None and "square" in m for m in messages), messages

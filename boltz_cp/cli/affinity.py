@@ -79,7 +79,7 @@ def write_and_share(write: Callable[[], None], path: Path, mesh, device: torch.d
     """
     payload: tuple[str, bytes | str] | None = None
     failure: Exception | None = None
-    if mesh.rank == 0:
+    if mesh.is_writer:
         try:
             write()
             payload = ("ok", path.read_bytes() if mesh.size > 1 else b"")
@@ -90,7 +90,8 @@ def write_and_share(write: Callable[[], None], path: Path, mesh, device: torch.d
             failure, payload = e, (kind, f"{type(e).__name__}: {e}")
     if mesh.size > 1:
         box = [payload]
-        dist.broadcast_object_list(box, src=0, group=mesh.group, device=device if device.type == "cuda" else None)
+        dist.broadcast_object_list(box, src=mesh.writer, group=mesh.group,
+                                   device=device if device.type == "cuda" else None)
         payload = box[0]
     if failure is not None:
         raise failure
@@ -98,7 +99,7 @@ def write_and_share(write: Callable[[], None], path: Path, mesh, device: torch.d
     if kind != "ok":
         error = InputError if kind == "input_error" else BoltzCPError
         raise error(f"the writer rank could not write the structure for the affinity pass: {body}")
-    if mesh.rank != 0:
+    if not mesh.is_writer:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(body)
 
@@ -125,6 +126,6 @@ def predict_affinity(cfg, model, record, dirs, staged: Path, mol_dir: Path, devi
         model.to("cpu")  # the affinity model holds device memory only during its pass
     if pred is not None and pred.get("exception"):
         raise BoltzCPError(f"{record.id}: out of memory on {device} in the affinity pass at {n_tokens} tokens")
-    if mesh.rank == 0:
+    if mesh.is_writer:
         BoltzAffinityWriter(data_dir=str(dirs.structures), output_dir=str(staged)).write_on_batch_end(
             None, None, pred, None, batch, 0, 0)

@@ -452,6 +452,8 @@ def validate_bench(cfg: DictConfig) -> None:
 
     if cfg.model.backend != "cp":
         raise ConfigError("the bench runs the CP model only (model.backend=cp)")
+    if cfg.dp != 1:
+        raise ConfigError(f"the bench runs one mesh (dp=1), got dp={cfg.dp}")
     validate(cfg)
     if cfg.preset is not None and cfg.checkpoint is not None:
         raise ConfigError("give preset= (random weights) or checkpoint= (a file), not both")
@@ -496,7 +498,7 @@ def bench(cfg: DictConfig, input_arg: str) -> dict | None:
     staging = Path(tempfile.mkdtemp(prefix="boltz_cp_bench_"))
     try:
         mesh = CPMesh.build(cfg.mesh.rows, cfg.mesh.cols, device_type=ctx.device.type)
-        rank0 = mesh.rank == 0
+        rank0 = mesh.is_writer
         log = Progress(cfg.progress and rank0)
         device = ctx.device
         cuda = device.type == "cuda"
@@ -565,7 +567,7 @@ def bench(cfg: DictConfig, input_arg: str) -> dict | None:
             with rec.stage("gather outputs to rank 0"), torch.inference_mode():
                 keep = {k: v for k, v in out.items() if k not in ("pdistogram", "relative_position_encoding")
                         and (cfg.write_embeddings or k != "z")}
-                full = gather_outputs(keep, layout, dst=0)
+                full = gather_outputs(keep, layout, dst=mesh.writer)
                 del out
                 pred = None
                 if full is not None:

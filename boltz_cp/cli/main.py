@@ -4,8 +4,9 @@ Runs as a plain process (1x1 mesh) or under torchrun, where every rank runs this
 point. A problem the user can fix (`BoltzCPError`) is printed as one line naming it, on every
 rank that sees it, and the process exits with status 2; anything else is a bug and keeps its
 traceback (status 1). When another rank dies or the launcher stops this one (torchrun sends
-SIGTERM to the other ranks once one fails), the rank says so in one line and exits 2 after its
-clean-up ran (no staging folder is left behind).
+SIGTERM to the other ranks once one fails), the rank says so in one line, naming the failed rank
+and its input when that rank left a record (cli/faults.py), and exits 2 after its clean-up ran
+(no staging folder is left behind).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from boltz_cp.errors import BoltzCPError, ConfigError, RankFailure
 
 USAGE = """\
 usage: boltz_cp predict INPUT [key=value ...] [--cfg job] [--help]
-       torchrun --nproc-per-node K -m boltz_cp predict INPUT mesh=RxC [key=value ...]
+       torchrun --nproc-per-node K -m boltz_cp predict INPUT mesh=RxC|auto [dp=D] [key=value ...]
 
 INPUT is a Boltz-2 .yaml/.fasta file or a directory of them. Settings are Hydra overrides
-(`key=value`, `mesh=2x2`, `mesh.rows=2`); `--cfg job` prints the composed configuration.
+(`key=value`, `mesh=2x2`, `mesh.rows=2`, `mesh=auto`); `--cfg job` prints the composed
+configuration. `dp=D` splits the launched processes into D meshes that share the inputs.
 Results go to <out_dir>/boltz_results_<INPUT stem>/ in Boltz-2's layout.
 """
 
@@ -32,19 +34,29 @@ def _rank_prefix() -> str:
 
 
 def _stopped(signum, _frame) -> None:
-    raise RankFailure(f"stopped by {signal.Signals(signum).name}: the launcher stops every rank once one fails "
+    from boltz_cp.cli.faults import failed_rank
+
+    # One stop is enough: a second SIGTERM must not interrupt the clean-up this one starts.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    name = signal.Signals(signum).name
+    record = failed_rank(wait_s=1.0)  # the launcher stops us after the failed rank exited: written by then
+    if record:
+        raise RankFailure(f"stopped by {name} (the launcher stops every rank once one fails): {record}")
+    raise RankFailure(f"stopped by {name}: the launcher stops every rank once one fails "
                       "or the job is cancelled; the failing rank's message or the launcher's summary names it")
 
 
 def peer_failure(e: BaseException) -> RankFailure | None:
-    """The one-line error for a communication failure (a peer died, hung or closed its connection);
-    None for any other exception."""
-    import torch.distributed as dist
+    """The one-line error for a communication failure (a peer died, hung or closed its connection),
+    naming the failed rank and its input when that rank left a record; None for any other exception."""
+    from boltz_cp.cli.faults import failed_rank, is_communication_error
 
-    text = str(e)
-    if not (isinstance(e, dist.DistError) or "/gloo/" in text or "NCCL" in text):
+    if not is_communication_error(e):
         return None
-    reason = text.splitlines()[0].split("] ", 1)[-1].split(". This is typically", 1)[0][:200]
+    record = failed_rank()
+    if record:
+        return RankFailure(f"lost contact with another rank: {record}")
+    reason = str(e).splitlines()[0].split("] ", 1)[-1].split(". This is typically", 1)[0][:200]
     return RankFailure(f"lost contact with another rank ({reason}): a rank failed, stopped or hung; its own "
                        "message or the launcher's summary names it")
 
@@ -73,6 +85,7 @@ def _main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         return _report(f"{_rank_prefix()}interrupted", 130)
     except RuntimeError as e:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as in _report: reading the record may take seconds
         failure = peer_failure(e)
         if failure is None:
             raise

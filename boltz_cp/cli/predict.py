@@ -6,11 +6,15 @@ Output (as upstream): <out_dir>/boltz_results_<stem>/
                      plddt_/pae_/pde_<id>_model_<k>.npz
                      affinity_<id>.json, pre_affinity_<id>.npz   (affinity property, see
                                                                   cli/affinity.py)
-    boltz_cp_config.yaml        the resolved configuration (writer rank only)
+    boltz_cp_config.yaml        the resolved configuration (global rank 0 only)
 
 Every input is processed and predicted in a private staging folder, then moved into place, so
 an error or a killed run never leaves a partial prediction behind. A bad input is reported by
 name; the other inputs still run, and the command exits non-zero listing the failures.
+
+With dp=D the world is D meshes: pending input k (in collect_inputs order, after the skipped
+ones) goes to mesh k % D, whose writer (its tile (0, 0)) writes it; at the end every rank learns
+every mesh's failures through the c10d store (cli/faults.py) and all exit alike.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from boltz_cp.cli import faults
 from boltz_cp.cli.progress import Progress
-from boltz_cp.distributed.mesh import check_mesh_size
-from boltz_cp.errors import BoltzCPError, ConfigError, InputError
+from boltz_cp.distributed.mesh import auto_mesh, check_mesh_size
+from boltz_cp.errors import BoltzCPError, CheckpointError, ConfigError, InputError, RankFailure
 
 BACKENDS = ("auto", "reference", "cp")
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
@@ -61,28 +66,42 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"affinity_mw_correction must be true or false, got {cfg.affinity_mw_correction!r}")
     if cfg.max_parallel_samples is not None and cfg.max_parallel_samples < 1:
         raise ConfigError("max_parallel_samples must be at least 1 (or null)")
-    for key in ("rows", "cols"):
-        if not isinstance(cfg.mesh[key], int) or cfg.mesh[key] < 1:
-            raise ConfigError(f"mesh.{key} must be a positive integer, got {cfg.mesh[key]!r}")
+    if not isinstance(cfg.dp, int) or isinstance(cfg.dp, bool) or cfg.dp < 1:
+        raise ConfigError(f"dp must be a positive integer, got {cfg.dp!r}")
     if cfg.timeout_s <= 0:
         raise ConfigError("timeout_s must be positive")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    _resolve_auto_mesh(cfg, world)
+    for key in ("rows", "cols"):
+        if not isinstance(cfg.mesh[key], int) or isinstance(cfg.mesh[key], bool) or cfg.mesh[key] < 1:
+            raise ConfigError(f"mesh.{key} must be a positive integer, got {cfg.mesh[key]!r}")
     mesh = f"{cfg.mesh.rows}x{cfg.mesh.cols}"
-    check_mesh_size(cfg.mesh.rows, cfg.mesh.cols, world)  # before any rendezvous: fail fast
+    check_mesh_size(cfg.mesh.rows, cfg.mesh.cols, world, cfg.dp)  # before any rendezvous: fail fast
     if cfg.model.backend == "auto":  # resolved here, so the written config names the backend
         with open_dict(cfg), read_write(cfg):
-            cfg.model.backend = "reference" if world == 1 and mesh == "1x1" else "cp"
-    if cfg.model.backend == "reference" and (world != 1 or mesh != "1x1"):
+            cfg.model.backend = "reference" if mesh == "1x1" else "cp"
+    if cfg.model.backend == "reference" and mesh != "1x1":
         raise ConfigError(
             f"model.backend=reference runs upstream's serial Boltz-2 on a 1x1 mesh only "
             f"(got mesh={mesh} with {world} process{'es' if world > 1 else ''}); "
-            "run it as a single process with mesh=1x1, or use model.backend=cp"
+            "run it as a single process with mesh=1x1 (or as dp=K meshes of 1x1 on K processes), "
+            "or use model.backend=cp"
         )
-    if cfg.model.backend == "cp":
-        if cfg.mesh.rows != cfg.mesh.cols:
-            raise ConfigError(f"model.backend=cp needs a square mesh for now, got mesh={mesh}")
-        if cfg.precision == "bf16-mixed":
-            raise ConfigError("model.backend=cp runs in fp32 only for now (precision=fp32)")
+
+
+def _resolve_auto_mesh(cfg: DictConfig, world: int) -> None:
+    """mesh=auto: the most square rows x cols of world / dp ranks, written into cfg (so the saved
+    config shows the numbers); before any rendezvous, so every rank picks the same."""
+    sides = (cfg.mesh.rows, cfg.mesh.cols)
+    if "auto" not in sides:
+        return
+    if sides != ("auto", "auto"):
+        raise ConfigError(f"mesh=auto sets both sides; got mesh.rows={sides[0]} mesh.cols={sides[1]}")
+    if world % cfg.dp:
+        raise ConfigError(f"mesh=auto with dp={cfg.dp} needs a world size divisible by {cfg.dp}, got {world}")
+    rows, cols = auto_mesh(world // cfg.dp)
+    with open_dict(cfg), read_write(cfg):
+        cfg.mesh.rows, cfg.mesh.cols = rows, cols
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -99,115 +118,168 @@ def autocast(precision: str, device: torch.device):
 
 
 def predict(cfg: DictConfig, input_arg: str) -> None:
-    from boltz_cp.data.ccd import ensure_molecules
-    from boltz_cp.data.inputs import collect_inputs, required_ccd_codes
+    """Every rank: build the mesh(es), fold this mesh's share of the inputs, and agree on the
+    outcome (every rank raises the same InputError listing every mesh's failed inputs)."""
     from boltz_cp.distributed import CPMesh, init_distributed, shutdown_distributed
-    from boltz_cp.models.checkpoint import default_cache, default_checkpoint_path, load_boltz2
 
     validate(cfg)
     ctx = init_distributed(cfg.timeout_s, cfg.device)
     try:
-        mesh = CPMesh.build(cfg.mesh.rows, cfg.mesh.cols, device_type=ctx.device.type)
-        writer_rank = mesh.rank == 0
-        log = Progress(cfg.progress and writer_rank)
-        precision = resolve_precision(cfg.precision, ctx.device)
-        torch.set_grad_enabled(False)
-        torch.set_float32_matmul_precision("highest")
-
-        input_path = Path(input_arg).expanduser()
-        files = collect_inputs(input_path)
-        cache = Path(cfg.cache).expanduser() if cfg.cache else default_cache()
-        ckpt = Path(cfg.checkpoint).expanduser() if cfg.checkpoint else default_checkpoint_path(cache)
-        out = Path(cfg.out_dir).expanduser() / f"boltz_results_{input_path.stem}"
-        mol_dir = cache / "mols"
-
-        log(f"{len(files)} input(s), mesh {mesh.rows}x{mesh.cols}, device {ctx.device}, precision {precision}")
-        # Cheap checks of every input (format, entities, SMILES, CCD codes) before the model loads.
-        failures: list[str] = []
-        todo: list[Path] = []
-
-        def fail(path: Path, e: InputError) -> None:
-            if len(files) == 1:
-                raise e
-            failures.append(f"{path.name}: {e}")
-            log(f"{path.name}: FAILED: {e}")
-
-        for path in files:
-            if (out / "predictions" / path.stem).exists() and not cfg.override:
-                log(f"{path.name}: predictions exist in {out / 'predictions' / path.stem}, skipping "
-                    "(override=true recomputes)")
-                continue
-            try:
-                ensure_molecules(mol_dir, required_ccd_codes(path))
-                todo.append(path)
-            except InputError as e:
-                fail(path, e)
-        if not todo:
-            _finish(failures, files, log, out)
-            return
-        from boltz_cp.cli.affinity import affinity_checkpoint_path, load_affinity_model
-        from boltz_cp.data.affinity import affinity_binder
-        from boltz_cp.models.checkpoint import require_affinity_checkpoint
-
-        # Before any model loads: an input asking for affinity needs the affinity checkpoint.
-        affinity_ckpt = None
-        if any(affinity_binder(p) is not None for p in todo):
-            affinity_ckpt = require_affinity_checkpoint(affinity_checkpoint_path(cfg, cache))
-        log(f"loading checkpoint {ckpt}")
-        model, info = load_boltz2(
-            ckpt,
-            predict_args={
-                "recycling_steps": cfg.recycling_steps,
-                "sampling_steps": cfg.sampling_steps,
-                "diffusion_samples": cfg.diffusion_samples,
-                "max_parallel_samples": cfg.max_parallel_samples,
-                "write_confidence_summary": True,
-                "write_full_pae": cfg.write_full_pae,
-                "write_full_pde": cfg.write_full_pde,
-            },
-            diffusion_overrides={"step_scale": cfg.step_scale},
-            steering_args={
-                "fk_steering": cfg.use_potentials,
-                "physical_guidance_update": cfg.use_potentials,
-            },
-            msa_overrides={"subsample_msa": cfg.subsample_msa, "num_subsampled_msa": cfg.num_subsampled_msa},
-            use_kernels=False,
-            cp=cfg.model.backend == "cp",
-        )
-        if cfg.model.backend == "cp":
-            precision = "fp32"
-        model.to(ctx.device)
-        if info.get("random_preset") and writer_rank:
-            log.warn(
-                f"WARNING: {ckpt} holds RANDOM weights (preset '{info['random_preset']}'): "
-                "the predicted structures are not meaningful"
-            )
-        affinity_model = None
-        if affinity_ckpt is not None:
-            log(f"loading affinity checkpoint {affinity_ckpt}")
-            affinity_model, affinity_info = load_affinity_model(cfg, affinity_ckpt)
-            if affinity_info.get("random_preset") and writer_rank:
-                log.warn(f"WARNING: {affinity_ckpt} holds RANDOM weights (preset '{affinity_info['random_preset']}'): "
-                         "the predicted affinities are not meaningful")
-        if writer_rank:
-            out.mkdir(parents=True, exist_ok=True)
-            _remove_stale_staging(out)
-            _atomic_write_text(out / "boltz_cp_config.yaml", OmegaConf.to_yaml(cfg))
-
-        for path in todo:
-            try:
-                _predict_one(cfg, model, path, out, mol_dir, ctx.device, precision, log, writer_rank, mesh,
-                             affinity_model)
-            except InputError as e:
-                fail(path, e)
-        _finish(failures, files, log, out)
+        mesh = CPMesh.build(cfg.mesh.rows, cfg.mesh.cols, device_type=ctx.device.type, dp=cfg.dp)
+        faults.attach_mesh(mesh)
+        try:
+            failures, files, head, out = _predict_mesh(cfg, input_arg, ctx, mesh)
+        except BaseException as e:
+            faults.on_failure(e)  # names this rank and its input to the others, before the group goes
+            raise
+        finally:
+            faults.set_input(None)
+        _finish(failures, files, head, out)
     finally:
         shutdown_distributed()
 
 
-def _finish(failures: list[str], files: list[Path], log, out: Path) -> None:
+def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
+    """This mesh's share of the inputs; returns (failures of every mesh, files, job log, out)."""
+    from boltz_cp.data.ccd import ensure_molecules
+    from boltz_cp.data.inputs import collect_inputs, required_ccd_codes
+    from boltz_cp.models.checkpoint import default_cache, default_checkpoint_path
+
+    writer_rank = mesh.is_writer
+    log = Progress(cfg.progress and writer_rank, prefix=f"[mesh {mesh.dp_index}] " if mesh.dp > 1 else "")
+    head = Progress(cfg.progress and mesh.rank == 0)  # lines about the whole job
+    precision = resolve_precision(cfg.precision, ctx.device)
+    torch.set_grad_enabled(False)
+    torch.set_float32_matmul_precision("highest")
+
+    input_path = Path(input_arg).expanduser()
+    files = collect_inputs(input_path)
+    cache = Path(cfg.cache).expanduser() if cfg.cache else default_cache()
+    ckpt = Path(cfg.checkpoint).expanduser() if cfg.checkpoint else default_checkpoint_path(cache)
+    out = Path(cfg.out_dir).expanduser() / f"boltz_results_{input_path.stem}"
+    mol_dir = cache / "mols"
+
+    meshes = f"{mesh.dp} meshes of {mesh.rows}x{mesh.cols}" if mesh.dp > 1 else f"mesh {mesh.rows}x{mesh.cols}"
+    head(f"{len(files)} input(s), {meshes}, device {ctx.device}, precision {precision}")
+    # One rank looks at the results, so every rank assigns the same pending inputs to the same mesh.
+    pending = faults.share_from_rank0(_pending(files, out, cfg.override, head) if mesh.rank == 0 else None,
+                                      cfg.timeout_s)
+    mine = pending[mesh.dp_index::mesh.dp]  # pending input k -> mesh k % dp
+    if mesh.dp > 1:
+        log(f"{len(mine)} of {len(pending)} pending input(s) on this mesh: "
+            + (", ".join(files[i].name for i in mine) or "none"))
+    failures: list[tuple[int, str]] = []  # (input index, message), on the writer
+
+    def fail(i: int, e: BoltzCPError) -> None:
+        failures.append((i, str(e)))
+        log(f"{files[i].name}: FAILED: {e}")
+
+    # Cheap checks of every input (format, entities, SMILES, CCD codes) before the model loads.
+    todo: list[int] = []
+    for i in mine:
+        faults.set_input(files[i].name)
+        try:
+            ensure_molecules(mol_dir, required_ccd_codes(files[i]))
+            todo.append(i)
+        except InputError as e:
+            fail(i, e)
+    faults.set_input(None)
+    if todo:
+        model, affinity_model, precision = _load_models(cfg, [files[i] for i in todo], cache, ckpt, ctx.device,
+                                                        precision, log, writer_rank)
+    if mesh.rank == 0 and pending:
+        _prepare_results(cfg, out)
+    for i in todo:
+        faults.set_input(files[i].name)
+        try:
+            _predict_one(cfg, model, files[i], out, mol_dir, ctx.device, precision, log, writer_rank, mesh,
+                         affinity_model)
+        except InputError as e:
+            fail(i, e)
+        except BoltzCPError as e:
+            # Other errors fail the input only where no peer can be left inside a collective.
+            if mesh.size > 1 or isinstance(e, (ConfigError, CheckpointError, RankFailure)):
+                raise
+            fail(i, e)
+    faults.set_input(None)
+    every = faults.gather_meshes(failures if writer_rank else None, writer_rank)
+    return sorted(tuple(f) for part in every for f in part), files, head, out
+
+
+def _pending(files: list[Path], out: Path, override: bool, log) -> list[int]:
+    """Indices of the inputs to predict: all with override, else those without predictions."""
+    pending = []
+    for i, path in enumerate(files):
+        if (out / "predictions" / path.stem).exists() and not override:
+            log(f"{path.name}: predictions exist in {out / 'predictions' / path.stem}, skipping "
+                "(override=true recomputes)")
+            continue
+        pending.append(i)
+    return pending
+
+
+def _load_models(cfg, todo: list[Path], cache: Path, ckpt: Path, device, precision: str, log, warn: bool):
+    """(structure model, affinity model or None, precision) on `device`, the affinity model on the
+    CPU until its pass."""
+    from boltz_cp.cli.affinity import affinity_checkpoint_path, load_affinity_model
+    from boltz_cp.data.affinity import affinity_binder
+    from boltz_cp.models.checkpoint import load_boltz2, require_affinity_checkpoint
+
+    # Before any model loads: an input asking for affinity needs the affinity checkpoint.
+    affinity_ckpt = None
+    if any(affinity_binder(p) is not None for p in todo):
+        affinity_ckpt = require_affinity_checkpoint(affinity_checkpoint_path(cfg, cache))
+    log(f"loading checkpoint {ckpt}")
+    model, info = load_boltz2(
+        ckpt,
+        predict_args={
+            "recycling_steps": cfg.recycling_steps,
+            "sampling_steps": cfg.sampling_steps,
+            "diffusion_samples": cfg.diffusion_samples,
+            "max_parallel_samples": cfg.max_parallel_samples,
+            "write_confidence_summary": True,
+            "write_full_pae": cfg.write_full_pae,
+            "write_full_pde": cfg.write_full_pde,
+        },
+        diffusion_overrides={"step_scale": cfg.step_scale},
+        steering_args={
+            "fk_steering": cfg.use_potentials,
+            "physical_guidance_update": cfg.use_potentials,
+        },
+        msa_overrides={"subsample_msa": cfg.subsample_msa, "num_subsampled_msa": cfg.num_subsampled_msa},
+        use_kernels=False,
+        cp=cfg.model.backend == "cp",
+    )
+    model.to(device)
+    if info.get("random_preset") and warn:
+        log.warn(
+            f"WARNING: {ckpt} holds RANDOM weights (preset '{info['random_preset']}'): "
+            "the predicted structures are not meaningful"
+        )
+    affinity_model = None
+    if affinity_ckpt is not None:
+        log(f"loading affinity checkpoint {affinity_ckpt}")
+        affinity_model, affinity_info = load_affinity_model(cfg, affinity_ckpt)
+        if affinity_info.get("random_preset") and warn:
+            log.warn(f"WARNING: {affinity_ckpt} holds RANDOM weights (preset '{affinity_info['random_preset']}'): "
+                     "the predicted affinities are not meaningful")
+    return model, affinity_model, precision
+
+
+def _prepare_results(cfg, out: Path) -> None:
+    """Global rank 0, once: the results folder, stale staging removed, the resolved config."""
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(out)
+    _atomic_write_text(out / "boltz_cp_config.yaml", OmegaConf.to_yaml(cfg))
+
+
+def _finish(failures: list[tuple[int, str]], files: list[Path], log, out: Path) -> None:
+    """Every rank: the failures of every mesh in input order (one input: its own message)."""
+    if failures and len(files) == 1:
+        raise InputError(failures[0][1])
     if failures:
-        raise InputError(f"{len(failures)} of {len(files)} inputs failed:\n  " + "\n  ".join(failures))
+        raise InputError(f"{len(failures)} of {len(files)} inputs failed:\n  "
+                         + "\n  ".join(f"{files[i].name}: {msg}" for i, msg in failures))
     log(f"done: results in {out}")
 
 
@@ -277,7 +349,7 @@ def run_model(model, batch: dict, cfg, mesh, device: torch.device, precision: st
     hooks = log.hook_model(model, args["recycling_steps"], args["sampling_steps"], chunks)
     try:
         if cfg.model.backend == "cp":
-            return run_cp(model, batch, cfg, mesh, device)
+            return run_cp(model, batch, cfg, mesh, device, precision)
         return run_reference(model, batch, cfg.seed, device, precision)
     finally:
         for h in hooks:
@@ -298,9 +370,9 @@ def run_reference(model, batch: dict, seed: int, device: torch.device, precision
         return model.predict_step(batch_to(batch, device), 0)
 
 
-def run_cp(model, batch: dict, cfg, mesh, device: torch.device) -> dict | None:
-    """The CP model on one featurized batch (every rank); upstream's prediction dict on the
-    writer rank (rank 0), None elsewhere. Seeded like `run_reference`, so the same seed samples
+def run_cp(model, batch: dict, cfg, mesh, device: torch.device, precision: str = "fp32") -> dict | None:
+    """The CP model on one featurized batch (every rank of the mesh); upstream's prediction dict
+    on the mesh's writer rank (its tile (0, 0)), None elsewhere. Seeded like `run_reference`, so the same seed samples
     the same noise as the serial model."""
     from boltz.model.models.boltz2 import Boltz2
     from lightning_fabric.utilities.seed import seed_everything
@@ -319,14 +391,14 @@ def run_cp(model, batch: dict, cfg, mesh, device: torch.device) -> dict | None:
         affinity = AffinityInputs.cut(batch, layout)
     args = model.predict_args
     seed_everything(cfg.seed, verbose=False)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(precision, device):
         out = model(inputs, layout, recycling_steps=args["recycling_steps"],
                     num_sampling_steps=args["sampling_steps"], diffusion_samples=args["diffusion_samples"],
                     max_parallel_samples=args["max_parallel_samples"], affinity=affinity)
         # The trunk's z and the distogram are N x N: gathered to the writer only for embeddings.
         keep = {k: v for k, v in out.items() if k not in ("pdistogram", "relative_position_encoding")
                 and (cfg.write_embeddings or k != "z")}
-        full = gather_outputs(keep, layout, dst=0)
+        full = gather_outputs(keep, layout, dst=mesh.writer)
     if full is None:
         return None
     full.setdefault("z", None)

@@ -1,4 +1,4 @@
-"""Line-based progress on the writer rank: readable in a terminal and in a SLURM log."""
+"""Line-based progress on the writer rank(s): readable in a terminal and in a SLURM log."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import time
 
 
 class Progress:
-    """Prints `[boltz_cp  12.3s] stage: message` lines to stderr when enabled."""
+    """Prints `[boltz_cp  12.3s] stage: message` lines to stderr when enabled; `prefix` (e.g.
+    "[mesh 1] ") follows the time, so the lines of several meshes stay apart."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, prefix: str = "") -> None:
         self.enabled = enabled
+        self.prefix = prefix
         self.t0 = time.perf_counter()
 
     def __call__(self, msg: str) -> None:
@@ -19,7 +21,7 @@ class Progress:
 
     def warn(self, msg: str) -> None:
         """Always printed, progress or not."""
-        print(f"[boltz_cp {time.perf_counter() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+        print(f"[boltz_cp {time.perf_counter() - self.t0:7.1f}s] {self.prefix}{msg}", file=sys.stderr, flush=True)
 
     def hook_model(self, model, recycling_steps: int, sampling_steps: int, chunks: int) -> list:
         """Report recycling and diffusion steps from forward pre-hooks on upstream's modules."""

@@ -6,6 +6,7 @@ process groups in module globals.
 
 from boltz_cp.distributed.comm import (
     Pending,
+    column_block,
     comm_counters,
     reset_comm_counters,
     ring_shift,
@@ -39,7 +40,7 @@ from boltz_cp.distributed.tiles import (
 
 __all__ = [
     "CPMesh", "DistContext", "MESH_DIM_NAMES", "MSA", "PAIR", "Pending", "SINGLE_BY_I", "SINGLE_FULL",
-    "any_rank_failed", "check_mesh_size", "check_placements", "comm_counters", "convert_rank", "gather_pair",
+    "any_rank_failed", "check_mesh_size", "column_block", "check_placements", "comm_counters", "convert_rank", "gather_pair",
     "gather_single", "init_distributed", "pad_tokens", "padded_size", "pair_from_tile",
     "parse_mesh", "reset_comm_counters", "ring_shift", "shard_pair", "shard_single",
     "shutdown_distributed", "single_from_local", "skew", "tile_bounds", "transpose_exchange", "TokenLayout",

@@ -1,4 +1,4 @@
-"""Cannon's algorithm for block matrix products on a square p x p CP mesh.
+"""Cannon's algorithm for block matrix products on a square p x p CP mesh (SUMMA on R x C).
 
 `cannon_matmul(a, b, mesh)` computes the tile C[r, c] = sum_q A[r, q] @ B[q, c] on rank (r, c),
 with batched local blocks ([..., m, k] @ [..., k, n]). Rank (r, c) holds block A[r, c] and
@@ -21,14 +21,19 @@ for a plain operand (0 on row 0 for A, on column 0 for B). Fixed points make no 
 On p = 1: a single local matmul, no message.
 Per forward over the mesh with one transposed operand: 2p^2(p-1) + p(p-1) + p^2-1 messages
 (2x2: 13, 3x3: 50), i.e. 2p per rank instead of 2p+1 with a separate transpose.
+
+Rectangular R x C meshes: a transposed operand first moves to the transposed layout
+(`comm.transpose_exchange`, one message per overlapping tile), then the product runs on the
+broadcast schedule of distributed/summa.py (C broadcasts on ring_j, R on ring_i).
 """
 
 from __future__ import annotations
 
 import torch
 
-from boltz_cp.distributed.comm import Pending, _exchange, ring_shift
+from boltz_cp.distributed.comm import Pending, _exchange, ring_shift, transpose_exchange
 from boltz_cp.distributed.mesh import CPMesh
+from boltz_cp.distributed.summa import summa_matmul
 
 
 def _permute(x: torch.Tensor, mesh: CPMesh, dst: tuple[int, int], src: tuple[int, int],
@@ -42,7 +47,7 @@ def _permute(x: torch.Tensor, mesh: CPMesh, dst: tuple[int, int], src: tuple[int
 def align(a: torch.Tensor, b: torch.Tensor, mesh: CPMesh, *, a_transposed: bool = False,
           b_transposed: bool = False) -> tuple[Pending, Pending]:
     """Start Cannon's initial alignment of both operands (see the module docstring)."""
-    p = mesh.require_square("cannon align")
+    p = mesh.rows  # square meshes: cannon_matmul sends R x C meshes to SUMMA
     r, c = mesh.coord
     if a_transposed:
         pa = _permute(a, mesh, (c, (r - c) % p), ((r + c) % p, r), "transpose", tag=1)
@@ -61,7 +66,7 @@ def align(a: torch.Tensor, b: torch.Tensor, mesh: CPMesh, *, a_transposed: bool 
 
 def cannon_matmul(a: torch.Tensor, b: torch.Tensor, mesh: CPMesh, *, a_transposed: bool = False,
                   b_transposed: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """C[r, c] = sum_q A[r, q] @ B[q, c] on every rank of a square mesh.
+    """C[r, c] = sum_q A[r, q] @ B[q, c] on every rank (Cannon on a square mesh, else SUMMA).
 
     Args:
         a: my block of A, [*batch, m, k] (A[c, r] when ``a_transposed``), equal shape on all ranks.
@@ -71,8 +76,16 @@ def cannon_matmul(a: torch.Tensor, b: torch.Tensor, mesh: CPMesh, *, a_transpose
     Returns:
         [*batch, m, n] block C[r, c].
     """
-    p = mesh.require_square("cannon_matmul")
     dtype = out_dtype or a.dtype
+    if not mesh.is_square:
+        # Orient a transposed operand as the broadcast schedule needs it: its k on the grid's
+        # ring_j partition (A) or ring_i partition (B); see the module docstring.
+        pa = transpose_exchange(a, mesh, dims=(-1, -2), tag=3) if a_transposed else None
+        pb = transpose_exchange(b, mesh, dims=(-1, -2), tag=4) if b_transposed else None
+        a = pa.wait() if pa is not None else a
+        b = pb.wait() if pb is not None else b
+        return summa_matmul(a, b, mesh.grid(), dtype)
+    p = mesh.rows
     if p == 1:
         return torch.matmul(a.to(dtype), b.to(dtype))
     pa, pb = align(a.contiguous(), b.contiguous(), mesh, a_transposed=a_transposed,

@@ -11,8 +11,12 @@ Communication per call, for a tile x on rank (r, c) of an R x C mesh:
   1 receive from (r, c-s), indices mod C. No message when s = 0 mod C (local clone).
 - ``ring_shift(x, mesh, "i", s)``: the same on ring_i (my tile column): to (r+s, c), from
   (r-s, c), mod R.
-- ``transpose_exchange(x, mesh)``: 1 message to and from (c, r) on the whole mesh; the
-  diagonal makes a local clone. Square meshes only.
+- ``transpose_exchange(x, mesh)``: rank (r, c) receives its tile of the transposed layout
+  (rows: block c of C, cols: block r of R; see the function). Square meshes: 1 message to and from (c, r), the
+  diagonal makes a local clone. R x C meshes: one message per overlapping tile (at most
+  ceil(R/C)+1 times ceil(C/R)+1 of them).
+- ``column_block(x, mesh)``: a SINGLE_BY_I block x[I_r] -> x[J_c]. Square: the same single
+  swap with (c, r); R x C: one message per row block overlapping J_c.
 - ``skew(x, mesh, "j")``: Cannon's skew of the left operand. Row r shifts its blocks left by
   r along ring_j: rank (r, c) sends to (r, c-r) and receives the block of (r, c+r). So if
   rank (r, c) held block A[r, c], it now holds A[r, (c+r) mod C]. Row 0 does a local clone.
@@ -47,9 +51,10 @@ def comm_counters() -> dict[str, int]:
     """Messages sent by this rank since the last reset, per primitive, plus bytes sent.
 
     Keys: "ring_shift", "transpose", "skew" (messages sent; a local clone counts 0),
+    "broadcast" (SUMMA broadcasts rooted here, distributed/summa.py),
     "local_copy" (calls served without communication), "bytes_sent".
     """
-    out = {"ring_shift": 0, "transpose": 0, "skew": 0, "local_copy": 0, "bytes_sent": 0}
+    out = {"ring_shift": 0, "transpose": 0, "skew": 0, "broadcast": 0, "local_copy": 0, "bytes_sent": 0}
     out.update(_COUNTERS)
     return out
 
@@ -64,15 +69,17 @@ class Pending:
     Keeps the send buffer alive until the transfer completes.
     """
 
-    def __init__(self, recv: torch.Tensor, works: list, send: torch.Tensor | None = None):
-        self._recv, self._works, self._send = recv, works, send
-        self._done = not works
+    def __init__(self, recv: torch.Tensor, works: list, send=None, finish=None):
+        self._recv, self._works, self._send, self._finish = recv, works, send, finish
+        self._done = not works and finish is None
 
     def wait(self) -> torch.Tensor:
         if not self._done:
             for w in self._works:
                 w.wait()
-            self._works, self._send, self._done = [], None, True
+            if self._finish is not None:
+                self._recv = self._finish()
+            self._works, self._send, self._finish, self._done = [], None, None, True
         return self._recv
 
     def is_completed(self) -> bool:
@@ -113,16 +120,126 @@ def ring_shift(x: torch.Tensor, mesh: CPMesh, ring: str = "j", shift: int = 1,
     return _exchange(x, dst, src, group, _kind, tag)
 
 
-def transpose_exchange(x: torch.Tensor, mesh: CPMesh, *, tag: int = 0) -> Pending:
-    """Swap tiles with the transpose partner: (r, c) receives the tile of (c, r).
+def _overlap(n: int, parts_a: int, a: int, parts_b: int, b: int) -> tuple[int, int]:
+    """[lo, hi) of block a of n split into parts_a blocks intersected with block b of n split
+    into parts_b blocks (lo >= hi when they do not meet)."""
+    la, lb = n // parts_a, n // parts_b
+    return max(a * la, b * lb), min((a + 1) * la, (b + 1) * lb)
 
-    The tile itself is not transposed (callers do ``.transpose(1, 2)`` locally if they need
-    z^T). Diagonal ranks get a local clone. Square meshes only (ConfigError otherwise).
+
+def _redistribute(pieces_out: list, pieces_in: list, out: torch.Tensor, group, kind: str, tag: int,
+                  me: int) -> Pending:
+    """Send and receive rectangular pieces: pieces_out [(dst, tensor)], pieces_in [(src, dst view
+    of ``out``)]; pieces to/from myself are copied locally."""
+    ops, recvs, sends = [], [], []
+    for dst, piece in pieces_out:
+        if dst == me:
+            continue
+        piece = piece.contiguous()
+        sends.append(piece)
+        ops.append(dist.P2POp(dist.isend, piece, peer=dst, group=group, tag=tag))
+        _COUNTERS[kind] += 1
+        _COUNTERS["bytes_sent"] += piece.numel() * piece.element_size()
+    for src, view in pieces_in:
+        if src == me:
+            continue
+        buf = torch.empty(view.shape, dtype=out.dtype, device=out.device)
+        recvs.append((buf, view))
+        ops.append(dist.P2POp(dist.irecv, buf, peer=src, group=group, tag=tag))
+    works = dist.batch_isend_irecv(ops) if ops else []
+    if not ops:
+        _COUNTERS["local_copy"] += 1
+
+    def finish() -> torch.Tensor:
+        for buf, view in recvs:
+            view.copy_(buf)
+        return out
+
+    return Pending(out, works, sends, finish)
+
+
+def transpose_exchange(x: torch.Tensor, mesh: CPMesh, *, dims: tuple[int, int] = (1, 2), grid=None,
+                       tag: int = 0) -> Pending:
+    """The tile of the transposed layout: on a grid of R x C tiles where I hold X[A_a, B_b]
+    (dims ``dims`` of x: block a of D0 in R parts, block b of D1 in C parts), receive
+    X[block b of D0 in C parts, block a of D1 in R parts], in X's own orientation (callers do
+    ``.transpose(1, 2)`` locally when they need z^T). On a square grid this is the tile of
+    (b, a): one swap with the transpose partner, a local clone on the diagonal.
+
+    ``grid`` defaults to ``mesh.grid()``; the transposed view serves algorithms that run on
+    z^T's tiles.
     """
-    partner = mesh.transpose_partner
-    if partner == mesh.rank:
-        return _local(x)
-    return _exchange(x, partner, partner, mesh.group, "transpose", tag)
+    grid = grid or mesh.grid()
+    (a, b), rows, cols = grid.coord, grid.rows, grid.cols
+    d0, d1 = (d % x.dim() for d in dims)
+    if rows == cols:
+        partner = grid.rank_of(b, a)
+        if partner == mesh.rank:
+            return _local(x)
+        return _exchange(x, partner, partner, grid.group, "transpose", tag)
+    n0, n1 = x.shape[d0] * rows, x.shape[d1] * cols
+    shape = list(x.shape)
+    shape[d0], shape[d1] = n0 // cols, n1 // rows
+    out = x.new_empty(shape)
+    lo0, lo1 = a * (n0 // rows), b * (n1 // cols)  # my tile's origin
+    want0, want1 = b * (n0 // cols), a * (n1 // rows)  # the origin of the block I receive
+    pieces_out, pieces_in = [], []
+    for pa in range(rows):
+        for pb in range(cols):
+            peer = grid.rank_of(pa, pb)
+            # What peer (pa, pb) wants from me: rows block pb of D0 in C parts, cols block pa of D1 in R parts.
+            r0, r1 = _overlap(n0, rows, a, cols, pb)
+            c0, c1 = _overlap(n1, cols, b, rows, pa)
+            if r0 < r1 and c0 < c1:
+                piece = x.narrow(d0, r0 - lo0, r1 - r0).narrow(d1, c0 - lo1, c1 - c0)
+                pieces_out.append((peer, piece))
+                if peer == mesh.rank:
+                    out.narrow(d0, r0 - want0, r1 - r0).narrow(d1, c0 - want1, c1 - c0).copy_(piece)
+            # What I want from peer: rows block b in C parts within its block pa in R parts, and so on.
+            r0, r1 = _overlap(n0, cols, b, rows, pa)
+            c0, c1 = _overlap(n1, rows, a, cols, pb)
+            if r0 < r1 and c0 < c1:
+                pieces_in.append((peer, out.narrow(d0, r0 - want0, r1 - r0).narrow(d1, c0 - want1, c1 - c0)))
+    return _redistribute(pieces_out, pieces_in, out, grid.group, "transpose", tag, mesh.rank)
+
+
+def column_block(x: torch.Tensor, mesh: CPMesh, *, dim: int = 1, tag: int = 0) -> Pending:
+    """x[I_r] (a SINGLE_BY_I block along ``dim``) -> x[J_c], my column block.
+
+    The piece I_r' ∩ J_c comes from rank (r', r mod C): on a square mesh that is the transpose
+    partner (c, r) alone (one swap, a local clone on the diagonal), on R x C one message per
+    row block overlapping J_c.
+    """
+    rows, cols = mesh.rows, mesh.cols
+    r, c = mesh.coord
+    d = dim % x.dim()
+    n = x.shape[d] * rows
+    if rows == cols:
+        partner = mesh.rank_of(c, r)
+        if partner == mesh.rank:
+            return _local(x)
+        return _exchange(x, partner, partner, mesh.group, "transpose", tag)
+    shape = list(x.shape)
+    shape[d] = n // cols
+    out = x.new_empty(shape)
+    mine, want = r * (n // rows), c * (n // cols)
+    pieces_out, pieces_in = [], []
+    for qr in range(rows):  # receivers (qr, qc) whose source column is my column c
+        if qr % cols != c:
+            continue
+        for qc in range(cols):
+            lo, hi = _overlap(n, rows, r, cols, qc)
+            if lo < hi:
+                peer = mesh.rank_of(qr, qc)
+                piece = x.narrow(d, lo - mine, hi - lo)
+                pieces_out.append((peer, piece))
+                if peer == mesh.rank:
+                    out.narrow(d, lo - want, hi - lo).copy_(piece)
+    for sr in range(rows):
+        lo, hi = _overlap(n, cols, c, rows, sr)
+        if lo < hi:
+            pieces_in.append((mesh.rank_of(sr, r % cols), out.narrow(d, lo - want, hi - lo)))
+    return _redistribute(pieces_out, pieces_in, out, mesh.group, "transpose", tag, mesh.rank)
 
 
 def skew(x: torch.Tensor, mesh: CPMesh, ring: str = "j", *, inverse: bool = False,

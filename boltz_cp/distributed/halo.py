@@ -79,7 +79,7 @@ def halo_exchange(x: torch.Tensor, mesh: CPMesh, halo: int, dim: int = 1, *,
     if not 0 <= halo <= n:
         raise ValueError(f"halo_exchange: halo {halo} must be in [0, {n}] (the local length "
                          f"along dim {dim}); a halo may not reach past the neighbour")
-    q, last = mesh.rank, mesh.size - 1
+    q, last = mesh.local_rank, mesh.size - 1
     edge_shape = (*x.shape[:dim], halo, *x.shape[dim + 1:])
     left = x.new_zeros(edge_shape)
     right = x.new_zeros(edge_shape)
@@ -87,13 +87,13 @@ def halo_exchange(x: torch.Tensor, mesh: CPMesh, halo: int, dim: int = 1, *,
     if halo > 0:
         if q > 0:
             head = x.narrow(dim, 0, halo).contiguous()
-            ops += [dist.P2POp(dist.isend, head, peer=q - 1, group=mesh.group, tag=tag),
-                    dist.P2POp(dist.irecv, left, peer=q - 1, group=mesh.group, tag=tag)]
+            ops += [dist.P2POp(dist.isend, head, peer=mesh.base + q - 1, group=mesh.group, tag=tag),
+                    dist.P2POp(dist.irecv, left, peer=mesh.base + q - 1, group=mesh.group, tag=tag)]
             sends.append(head)
         if q < last:
             tail = x.narrow(dim, n - halo, halo).contiguous()
-            ops += [dist.P2POp(dist.isend, tail, peer=q + 1, group=mesh.group, tag=tag),
-                    dist.P2POp(dist.irecv, right, peer=q + 1, group=mesh.group, tag=tag)]
+            ops += [dist.P2POp(dist.isend, tail, peer=mesh.base + q + 1, group=mesh.group, tag=tag),
+                    dist.P2POp(dist.irecv, right, peer=mesh.base + q + 1, group=mesh.group, tag=tag)]
             sends.append(tail)
     works = _start(ops, "halo", sends)
     return Deferred(works, lambda: torch.cat([left, x, right], dim), sends)
@@ -108,12 +108,12 @@ def span_reduce(partial: torch.Tensor, spans: Sequence[tuple[int, int]], mesh: C
                 block: int, *, tag: int = 0) -> Deferred:
     """Sum partial results over ranks into my block [rank*block, (rank+1)*block) of dim 1.
 
-    ``partial`` [B, hi - lo, ...] holds my contribution to indices [lo, hi) = spans[mesh.rank];
+    ``partial`` [B, hi - lo, ...] holds my contribution to indices [lo, hi) = spans[my rank in the mesh];
     ``spans`` lists every rank's (lo, hi) (the same list on every rank; an empty span is
     (x, x)); all spans lie in [0, P*block). ``wait()`` -> [B, block, ...]: the sum of every
     rank's contribution to my block, added in ascending source-rank order onto zeros.
     """
-    size, me = mesh.size, mesh.rank
+    size, me = mesh.size, mesh.local_rank
     if len(spans) != size:
         raise ValueError(f"span_reduce: need one span per rank ({size}), got {len(spans)}")
     for lo, hi in spans:
@@ -130,7 +130,7 @@ def span_reduce(partial: torch.Tensor, spans: Sequence[tuple[int, int]], mesh: C
         a, b = _overlap((lo, hi), (d * block, (d + 1) * block))
         if a < b:
             buf = partial[:, a - lo:b - lo].contiguous()
-            ops.append(dist.P2POp(dist.isend, buf, peer=d, group=mesh.group, tag=tag))
+            ops.append(dist.P2POp(dist.isend, buf, peer=mesh.base + d, group=mesh.group, tag=tag))
             sends.append(buf)
     mine = (me * block, (me + 1) * block)
     for src in range(size):
@@ -139,7 +139,7 @@ def span_reduce(partial: torch.Tensor, spans: Sequence[tuple[int, int]], mesh: C
         a, b = _overlap(tuple(spans[src]), mine)
         if a < b:
             buf = partial.new_empty((partial.shape[0], b - a, *partial.shape[2:]))
-            ops.append(dist.P2POp(dist.irecv, buf, peer=src, group=mesh.group, tag=tag))
+            ops.append(dist.P2POp(dist.irecv, buf, peer=mesh.base + src, group=mesh.group, tag=tag))
             recvs[src] = (a, b, buf)
     works = _start(ops, "span_reduce", sends)
 

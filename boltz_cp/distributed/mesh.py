@@ -10,6 +10,15 @@ Rings are named by the axis they run over, never by the DeviceMesh sub-mesh name
 j-block (my tile column) and is ``device_mesh.get_group("cp_i")``. The group rank of a
 member of ``ring_j`` is its column c, of ``ring_i`` its row r.
 
+Any R x C works: square meshes run Cannon's schedules, others the broadcast (SUMMA)
+schedules of distributed/summa.py; `Grid` is the mesh as those algorithms see it (as is, or
+transposed for algorithms on z^T's tiles). `auto_mesh` picks the most square shape.
+
+Data parallel: ``dp=D`` splits the world into D independent meshes of rows x cols ranks
+(world rank = d*rows*cols + r*cols + c); each mesh folds its own inputs, with its own writer
+(its tile (0, 0)). ``mesh.rank`` is always the global rank, ``rank_of`` / ``coord_of`` map
+inside my mesh, and ``mesh.group`` spans my mesh only.
+
 Building a mesh creates process groups (a collective over the whole world), so every rank
 must call `CPMesh.build` with the same arguments. Size errors are raised on every rank
 before any collective, so they never hang.
@@ -18,6 +27,7 @@ before any collective, so they never hang.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,6 +36,15 @@ from torch.distributed.device_mesh import DeviceMesh
 from boltz_cp.errors import ConfigError
 
 MESH_DIM_NAMES = ("cp_i", "cp_j")
+DP_DIM_NAME = "dp"
+
+
+def auto_mesh(ranks: int) -> tuple[int, int]:
+    """The most square rows x cols with rows * cols == ranks and rows <= cols (8 -> 2x4)."""
+    if ranks < 1:
+        raise ConfigError(f"mesh=auto needs at least one rank, got {ranks}")
+    rows = max(d for d in range(1, int(ranks ** 0.5) + 1) if ranks % d == 0)
+    return rows, ranks // rows
 
 
 def parse_mesh(spec: str | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -60,17 +79,52 @@ def convert_rank(group: dist.ProcessGroup, *, global_rank: int | None = None,
     return dist.get_global_rank(group, group_rank)
 
 
-def check_mesh_size(rows: int, cols: int, world: int) -> None:
-    """ConfigError unless the mesh uses exactly the launched processes (no communication)."""
-    if rows * cols != world:
+def check_mesh_size(rows: int, cols: int, world: int, dp: int = 1) -> None:
+    """ConfigError unless dp meshes of rows x cols use exactly the launched processes (no
+    communication)."""
+    if dp < 1:
+        raise ConfigError(f"dp must be a positive integer, got {dp}")
+    if dp * rows * cols != world:
+        times = f"{dp} x " if dp > 1 else ""
         raise ConfigError(
-            f"mesh {rows}x{cols} needs {rows * cols} processes but the world size is "
-            f"{world} (launch with torchrun --nproc-per-node {rows * cols}, or pass "
-            f"mesh=...)")
+            f"{times}mesh {rows}x{cols} needs {dp * rows * cols} processes but the world size is "
+            f"{world} (launch with torchrun --nproc-per-node {dp * rows * cols}, or pass "
+            f"mesh=... / mesh=auto{' / dp=...' if dp > 1 else ''})")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The mesh as a rows x cols grid of tiles, seen either as it is or transposed.
+
+    The transposed view is the one the ending-node triangle attention works in: my tile,
+    transposed locally, is tile (c, r) of z^T on a cols x rows grid whose ring "j" is the
+    mesh's ring_i. Algorithms written for a Grid work unchanged on both views.
+    """
+
+    rows: int
+    cols: int
+    coord: tuple[int, int]
+    base: int  # global rank of my mesh's (0, 0)
+    mesh_cols: int  # the mesh's own column count (for rank arithmetic)
+    transposed: bool
+    ring_j: dist.ProcessGroup  # my grid row (same first coordinate)
+    ring_i: dist.ProcessGroup  # my grid column
+    group: dist.ProcessGroup
+
+    def rank_of(self, a: int, b: int) -> int:
+        r, c = (b, a) if self.transposed else (a, b)
+        return self.base + r * self.mesh_cols + c
+
+    def ring(self, ring: str) -> dist.ProcessGroup:
+        return self.ring_j if ring == "j" else self.ring_i
+
+    def ring_size(self, ring: str) -> int:
+        return self.cols if ring == "j" else self.rows
 
 
 class CPMesh:
-    """A rows x cols context-parallel mesh over the current default process group.
+    """A rows x cols context-parallel mesh: the whole default process group, or one of its
+    ``dp`` slices.
 
     Rank (r, c) = r*cols + c owns pair tile z[I_r, J_c].
     ``ring_j`` = my tile row {(r, c') for all c'} (ranks sharing my i-block, group rank c');
@@ -101,22 +155,26 @@ class CPMesh:
     On 1x1 every ring has size 1 and the transpose partner is rank 0 itself.
     """
 
-    def __init__(self, device_mesh: DeviceMesh, rows: int, cols: int):
-        self.device_mesh = device_mesh
+    def __init__(self, device_mesh: DeviceMesh, rows: int, cols: int, *, dp: int = 1,
+                 group: dist.ProcessGroup | None = None, dp_group: dist.ProcessGroup | None = None):
         self.rows, self.cols = rows, cols
         self.size = rows * cols
         self.rank = dist.get_rank()
-        self.coord = (self.rank // cols, self.rank % cols)
-        # The whole 2D mesh; equals WORLD while the mesh spans the world.
-        self.group = dist.group.WORLD
+        self.dp, self.dp_index = dp, self.rank // self.size
+        self.base = self.dp_index * self.size  # global rank of my tile (0, 0): the writer
+        self.coord = self.coord_of(self.rank)
+        # DTensors live on my 2D slice; the rings come from the full (dp, cp_i, cp_j) mesh.
+        self.device_mesh = device_mesh if dp == 1 else device_mesh[MESH_DIM_NAMES]
+        self.group = dist.group.WORLD if group is None else group
+        self.dp_group = dp_group  # my tile position across the dp meshes (None when dp == 1)
         self.ring_j = device_mesh.get_group("cp_j")
         self.ring_i = device_mesh.get_group("cp_i")
 
     @classmethod
-    def build(cls, rows: int, cols: int, device_type: str = "cpu") -> "CPMesh":
-        """Build the mesh from the initialised default process group.
+    def build(cls, rows: int, cols: int, device_type: str = "cpu", dp: int = 1) -> "CPMesh":
+        """Build the mesh (my dp slice of it) from the initialised default process group.
 
-        Raises ConfigError (on every rank, before any collective) when rows*cols differs
+        Raises ConfigError (on every rank, before any collective) when dp*rows*cols differs
         from the world size or the process group is not initialised.
         """
         rows, cols = parse_mesh((rows, cols))
@@ -124,33 +182,62 @@ class CPMesh:
             raise ConfigError("CPMesh.build needs an initialised process group "
                               "(call boltz_cp.distributed.init_distributed first)")
         world = dist.get_world_size()
-        check_mesh_size(rows, cols, world)
-        dm = DeviceMesh(device_type, torch.arange(world).view(rows, cols),
-                        mesh_dim_names=MESH_DIM_NAMES)
-        return cls(dm, rows, cols)
+        check_mesh_size(rows, cols, world, dp)
+        if dp == 1:
+            dm = DeviceMesh(device_type, torch.arange(world).view(rows, cols),
+                            mesh_dim_names=MESH_DIM_NAMES)
+            return cls(dm, rows, cols)
+        dm = DeviceMesh(device_type, torch.arange(world).view(dp, rows, cols),
+                        mesh_dim_names=(DP_DIM_NAME, *MESH_DIM_NAMES))
+        size, mine = rows * cols, dist.get_rank() // (rows * cols)
+        group = None
+        for d in range(dp):  # every rank creates every slice's group, in the same order
+            g = dist.new_group(list(range(d * size, (d + 1) * size)))
+            group = g if d == mine else group
+        return cls(dm, rows, cols, dp=dp, group=group, dp_group=dm.get_group(DP_DIM_NAME))
 
     def __repr__(self) -> str:
-        return f"CPMesh({self.rows}x{self.cols}, rank={self.rank}, coord={self.coord})"
+        dp = f", dp={self.dp_index}/{self.dp}" if self.dp > 1 else ""
+        return f"CPMesh({self.rows}x{self.cols}, rank={self.rank}, coord={self.coord}{dp})"
 
     # -- rank arithmetic -------------------------------------------------------------------
+    @property
+    def writer(self) -> int:
+        """Global rank of my mesh's writer (tile (0, 0)): it gathers outputs and writes files."""
+        return self.base
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == self.base
+
+    @property
+    def local_rank(self) -> int:
+        """My rank inside my mesh, r*cols + c (the global rank when dp == 1)."""
+        return self.rank - self.base
+
     def rank_of(self, r: int, c: int) -> int:
-        """Global rank of tile (r, c)."""
-        return r * self.cols + c
+        """Global rank of tile (r, c) of my mesh."""
+        return self.base + r * self.cols + c
 
     def coord_of(self, rank: int) -> tuple[int, int]:
-        """Tile (r, c) of a global rank."""
-        return rank // self.cols, rank % self.cols
+        """Tile (r, c) of a global rank of my mesh."""
+        local = rank - self.base
+        if not 0 <= local < self.size:
+            raise ValueError(f"rank {rank} is not in my mesh (ranks {self.base}..{self.base + self.size - 1})")
+        return local // self.cols, local % self.cols
+
+    def grid(self, transposed: bool = False) -> Grid:
+        """My mesh as a `Grid` (transposed: the cols x rows view of z^T's tiles)."""
+        r, c = self.coord
+        if transposed:
+            return Grid(self.cols, self.rows, (c, r), self.base, self.cols, True, self.ring_i, self.ring_j,
+                        self.group)
+        return Grid(self.rows, self.cols, (r, c), self.base, self.cols, False, self.ring_j, self.ring_i,
+                    self.group)
 
     @property
     def is_square(self) -> bool:
         return self.rows == self.cols
-
-    def require_square(self, who: str) -> int:
-        """The mesh side p; ConfigError naming ``who`` and the mesh unless it is square."""
-        if not self.is_square:
-            raise ConfigError(f"{who} needs a square mesh, got {self.rows}x{self.cols} "
-                              f"(rectangular meshes are not supported yet)")
-        return self.rows
 
     @property
     def token_multiple(self) -> int:
@@ -162,8 +249,8 @@ class CPMesh:
     def transpose_partner(self) -> int:
         """Global rank owning tile (c, r); myself on the diagonal. Square meshes only."""
         if not self.is_square:
-            raise ConfigError(f"a transpose exchange needs a square mesh, got "
-                              f"{self.rows}x{self.cols}")
+            raise ConfigError(f"tile (c, r) has a single owner on a square mesh only, got "
+                              f"{self.rows}x{self.cols} (comm.transpose_exchange handles any mesh)")
         r, c = self.coord
         return self.rank_of(c, r)
 

@@ -56,7 +56,7 @@ def span_gather(block: torch.Tensor, spans: Sequence[tuple[int, int]], mesh: CPM
     ``spans``: every rank's wanted (lo, hi) (the same list on every rank; an empty span is
     (x, x)) inside [0, P*n_f). ``wait()`` -> [B, hi - lo, ...] = rows [lo, hi) of my span.
     """
-    size, me, n_f = mesh.size, mesh.rank, block.shape[1]
+    size, me, n_f = mesh.size, mesh.local_rank, block.shape[1]
     if len(spans) != size:
         raise ValueError(f"span_gather: need one span per rank ({size}), got {len(spans)}")
     for lo, hi in spans:
@@ -69,7 +69,7 @@ def span_gather(block: torch.Tensor, spans: Sequence[tuple[int, int]], mesh: CPM
         a, b = _overlap(tuple(spans[d]), mine)
         if d != me and a < b:
             buf = block[:, a - mine[0]:b - mine[0]].contiguous()
-            ops.append(dist.P2POp(dist.isend, buf, peer=d, group=mesh.group, tag=tag))
+            ops.append(dist.P2POp(dist.isend, buf, peer=mesh.base + d, group=mesh.group, tag=tag))
             sends.append(buf)
     out = block.new_empty((block.shape[0], hi - lo, *block.shape[2:]))
     for src in range(size):
@@ -80,7 +80,7 @@ def span_gather(block: torch.Tensor, spans: Sequence[tuple[int, int]], mesh: CPM
             out[:, a - lo:b - lo] = block[:, a - mine[0]:b - mine[0]]
         else:
             buf = block.new_empty((block.shape[0], b - a, *block.shape[2:]))
-            ops.append(dist.P2POp(dist.irecv, buf, peer=src, group=mesh.group, tag=tag))
+            ops.append(dist.P2POp(dist.irecv, buf, peer=mesh.base + src, group=mesh.group, tag=tag))
             recvs.append((a, b, buf))
     works = _start(ops, "span_gather", sends)
 
@@ -93,7 +93,7 @@ def span_gather(block: torch.Tensor, spans: Sequence[tuple[int, int]], mesh: CPM
 
 
 def _tile_box(mesh: CPMesh, rank: int, n_i: int, n_j: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    r, c = mesh.coord_of(rank)
+    r, c = divmod(rank, mesh.cols)  # rank inside the mesh
     return (r * n_i, (r + 1) * n_i), (c * n_j, (c + 1) * n_j)
 
 
@@ -110,7 +110,7 @@ def gather_pair_block(tile: torch.Tensor, mesh: CPMesh, want_rows: tuple[int, in
     ``wait()`` -> [B, len(want_rows), len(want_cols), C'].
     """
     transform = transform if transform is not None else (lambda x: x)
-    size, me = mesh.size, mesh.rank
+    size, me = mesh.size, mesh.local_rank
     n_i, n_j = tile.shape[1], tile.shape[2]
     for (lo, hi), total, what in ((want_rows, mesh.rows * n_i, "rows"), (want_cols, mesh.cols * n_j, "cols")):
         if not 0 <= lo <= hi <= total:
@@ -146,7 +146,7 @@ def gather_pair_block(tile: torch.Tensor, mesh: CPMesh, want_rows: tuple[int, in
         if d is None:
             mine_piece = ((a, b), (e, f), part)
         else:
-            ops.append(dist.P2POp(dist.isend, part, peer=d, group=mesh.group, tag=tag))
+            ops.append(dist.P2POp(dist.isend, part, peer=mesh.base + d, group=mesh.group, tag=tag))
             sends.append(part)
     (lo_i, hi_i), (lo_j, hi_j) = want_rows, want_cols
     out = torch.empty((batch, hi_i - lo_i, hi_j - lo_j, *rest), dtype=dtype, device=tile.device)
@@ -161,7 +161,7 @@ def gather_pair_block(tile: torch.Tensor, mesh: CPMesh, want_rows: tuple[int, in
         else:
             buf = torch.empty((batch, rows[1] - rows[0], cols[1] - cols[0], *rest), dtype=dtype,
                               device=tile.device)
-            ops.append(dist.P2POp(dist.irecv, buf, peer=src, group=mesh.group, tag=tag))
+            ops.append(dist.P2POp(dist.irecv, buf, peer=mesh.base + src, group=mesh.group, tag=tag))
             recvs.append((where, buf))
     works = _start(ops, "pair_block", sends)
 

@@ -5,9 +5,10 @@ Placements (mesh axes cp_i, cp_j): s, k_in [B, N, C_s] SINGLE_BY_I in; z [B, N, 
 key token mask, float); out [B, N, C_s] SINGLE_BY_I, bit-identical on the ranks of a tile row.
 N is layout.n_padded; pad tokens (index >= layout.n) are excluded as keys.
 
-Communication per call (square p x p mesh, n = N/p, H heads of width D = C_s/H):
-    1 transpose_exchange: k_in[I_r] packed with mask[I_r], one message of B*n*(C_s+1)
-      elements to (c, r) (a local clone on the diagonal, so p messages fewer mesh-wide);
+Communication per call (p x p mesh, n = N/p, H heads of width D = C_s/H):
+    1 column_block: k_in[I_r] packed with mask[I_r], one message of B*n*(C_s+1)
+      elements to (c, r) (a local clone on the diagonal, so p messages fewer mesh-wide; on
+      R x C one message per row block overlapping J_c);
     1 all_gather on ring_j of the partial softmax state [B*mult, n, H, D+2] (unnormalised
       output, running max, sum of exponentials) in at least fp32: each rank sends
       B*mult*n*(C_s+2H) elements and receives p-1 such blocks (none on 1x1).
@@ -22,7 +23,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from boltz.model.layers.attentionv2 import AttentionPairBias as _UpstreamAttentionPairBias
-from boltz_cp.distributed import PAIR, SINGLE_BY_I, TokenLayout, check_placements, transpose_exchange
+from boltz_cp.distributed import PAIR, SINGLE_BY_I, TokenLayout, check_placements
+from boltz_cp.distributed.comm import column_block
 from boltz_cp.layers._dtensor import like
 
 # Query rows are processed in chunks of at most this many (query, key) pairs, so the
@@ -67,7 +69,6 @@ class AttentionPairBias(_UpstreamAttentionPairBias):
         check_placements(f"{name}.mask", mask, SINGLE_BY_I)
         check_placements(f"{name}.k_in", k_in, SINGLE_BY_I)
         mesh = layout.mesh
-        mesh.require_square(name)  # k_in[J_c] comes from the transpose partner
         if s.shape[1] != layout.n_padded or z.shape[1] != layout.n_padded:
             raise ValueError(f"{name}: expected {layout.n_padded} (padded) tokens, got s "
                              f"{tuple(s.shape)}, z {tuple(z.shape)}")
@@ -83,12 +84,12 @@ class AttentionPairBias(_UpstreamAttentionPairBias):
         wire = torch.promote_types(k_tile.dtype, mask_tile.dtype) if mask_tile.is_floating_point() \
             else k_tile.dtype
         packed = torch.cat([k_tile.to(wire), mask_tile.to(wire)[..., None]], dim=-1)
-        pending = transpose_exchange(packed, mesh)
+        pending = column_block(packed, mesh)
 
         q = self.proj_q(s_tile).view(bsz, n, heads, d)
         g = self.proj_g(s_tile).sigmoid()
-        n_keys = _real_keys(layout, n)
         received = pending.wait()
+        n_keys = _real_keys(layout, received.shape[1])
         k_in_j = received[:, :n_keys, :-1].to(k_tile.dtype)
         mask_j = received[:, :n_keys, -1]
         k = self.proj_k(k_in_j).view(k_in_j.shape[0], n_keys, heads, d)
@@ -112,14 +113,13 @@ class AttentionPairBias(_UpstreamAttentionPairBias):
         I_r, n_f = N/P); bias_tile [B, n, n, H] is my tile of the bias (compute_pair_bias=False
         only). Returns my block of the output [B', n_f, C_s].
         Communication: 1 all_gather on ring_j of (q, k, v, mask) [B', n_f, 3*C_s + 1] -> I_r;
-        1 transpose_exchange of (k, v, mask)[I_r] -> J_c; 1 all_to_all on ring_j of the partial
+        1 column_block of (k, v, mask)[I_r] -> J_c; 1 all_to_all on ring_j of the partial
         softmax states, each rank receiving the [B', n_f, H, D+2] rows of its block from every
         column. The bias tile never moves; no projection or (query, key) pair is computed twice.
         """
         if self.compute_pair_bias:
             raise ValueError(f"{type(self).__name__}.forward_full takes the bias itself (compute_pair_bias=False)")
         mesh = layout.mesh
-        mesh.require_square(type(self).__name__)
         bsz, n_f = s_f.shape[:2]
         heads, d, p = self.num_heads, self.head_dim, mesh.cols
         n = n_f * p
@@ -134,8 +134,8 @@ class AttentionPairBias(_UpstreamAttentionPairBias):
             packed = torch.cat(blocks, dim=1)  # rows I_r, in sub-block order
         c_s = self.c_s
         g_f = self.proj_g(s_f).sigmoid()
-        received = transpose_exchange(packed[..., c_s:].contiguous(), mesh).wait()  # (k, v, mask)[J_c]
-        n_keys = _real_keys(layout, n)
+        received = column_block(packed[..., c_s:].contiguous(), mesh).wait()  # (k, v, mask)[J_c]
+        n_keys = _real_keys(layout, received.shape[1])
         q = packed[..., :c_s].to(parts[0].dtype).view(bsz, n, heads, d)
         k = received[:, :n_keys, :c_s].to(parts[1].dtype).view(bsz, n_keys, heads, d)
         v = received[:, :n_keys, c_s:2 * c_s].to(parts[2].dtype).view(bsz, n_keys, heads, d)

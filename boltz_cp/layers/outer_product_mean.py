@@ -4,13 +4,15 @@ Placements (mesh axes cp_i, cp_j): m [B, S, N, C_m] MSA in, S on cp_i and N on c
 (r, c) holds m[S_r, N_c]); mask [B, S, N] MSA (msa_mask; padding 0); out [B, N, N, C_z] PAIR
 (the z update). S and N are padded to multiples of ``mesh.token_multiple``; padded rows and
 tokens have mask 0, so they add nothing to the sums, and pad outputs are finite (the bias).
-Square p x p meshes only (ConfigError otherwise).
-Communication per call (s = S/p, n = N/p): one Cannon ring (distributed/cannon.py `align`
+Communication per call on a square p x p mesh (s = S/p, n = N/p): one Cannon ring (distributed/cannon.py `align`
 plus p steps) over two operands, a = [proj_a(m) * mask, mask] [B, s, n, c_hidden + 1] and
 b = [proj_b(m) * mask, mask] [B, s, n, c_hidden + 1], in at least fp32: per rank 2(p-1)
 "ring_shift" messages (p-1 on ring_j, p-1 on ring_i), 1 "transpose" message (0 on rank
 (0, 0)), 1 "skew" message (0 on mesh column 0). Per forward on 2x2: 13 messages, on 3x3: 50;
 on 1x1: none. Only O(S * N * c_hidden / P) data moves; the c_hidden^2 outer product never does.
+On R x C: a goes once to the transposed layout (a[S in C blocks, N in R blocks], one
+"transpose" message per overlapping tile), then the broadcast schedule of
+distributed/summa.py walks S (C broadcasts of a on ring_j, R of b on ring_i).
 Upstream twin: boltz/model/layers/outer_product_mean.py OuterProductMean
 
 Algorithm. z[i, j] = proj_o(sum_s a[s, i] (x) b[s, j] / max(1, sum_s mask[s, i] mask[s, j])).
@@ -28,7 +30,15 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from boltz.model.layers.outer_product_mean import OuterProductMean as _UpstreamOuterProductMean
-from boltz_cp.distributed import MSA, TokenLayout, check_placements, pair_from_tile, ring_shift
+from boltz_cp.distributed import (
+    MSA,
+    TokenLayout,
+    check_placements,
+    pair_from_tile,
+    ring_shift,
+    summa,
+    transpose_exchange,
+)
 from boltz_cp.distributed.cannon import align
 
 # The per-step outer product is projected CHUNK_CHANNELS a-channels at a time on every tile size
@@ -51,7 +61,7 @@ class OuterProductMean(_UpstreamOuterProductMean):
         check_placements(f"{name}.m", m, MSA)
         check_placements(f"{name}.mask", mask, MSA)
         mesh = layout.mesh
-        p = mesh.require_square(name)
+        p = mesh.rows
         m_tile, mask_tile = m.to_local(), mask.to_local().unsqueeze(-1).to(m.dtype)
         m_tile = self.norm(m_tile)
         # NOTE(parity): upstream casts with .float(); promote to at least fp32 so fp64 stays fp64.
@@ -61,7 +71,8 @@ class OuterProductMean(_UpstreamOuterProductMean):
         b_tile = torch.cat([self.proj_b(m_tile).to(dtype) * mask_tile, mask_tile], dim=-1).contiguous()
 
         c = self.c_hidden
-        n_i, n_j = a_tile.shape[2], b_tile.shape[2]
+        n_j = b_tile.shape[2]
+        n_i = n_j * mesh.cols // mesh.rows  # the output tile's rows: N / R
         if chunk_size is None:
             chunk_size = min(c, CHUNK_CHANNELS)
         # NOTE(parity): upstream projects z.to(m) in m's dtype; here in the promoted dtype.
@@ -77,8 +88,14 @@ class OuterProductMean(_UpstreamOuterProductMean):
                 z = torch.einsum("bsic,bsjd->bijcd", a_val[..., i:i + chunk_size], b_val)
                 out.add_(z.reshape(*z.shape[:3], -1) @ weight[:, i * c:(i + chunk_size) * c].T)
 
-        if p == 1:
+        if mesh.size == 1:
             accumulate(a_tile, b_tile)
+        elif not mesh.is_square:
+            # a[S_c, N_r] (S in C blocks) on ring_j, b[S_r, N_c] (S in R blocks) on ring_i.
+            a_t = transpose_exchange(a_tile, mesh, tag=1).wait()
+            for lo, hi, a_blk, oa, b_blk, ob in summa.stream(a_t, b_tile, mesh.grid(), b_tile.shape[1] * mesh.rows):
+                accumulate(a_blk[:, oa:oa + hi - lo], b_blk[:, ob:ob + hi - lo])
+            del a_t
         else:
             # Cannon over S (see distributed/cannon.py): after the alignment rank (r, c) holds
             # a[S_k, N_r] and b[S_k, N_c] with k = (r + c) mod p; a then shifts left on ring_j

@@ -2,12 +2,13 @@
 
 Placements (mesh axes cp_i, cp_j): m [B, S, N, C_m] MSA in/out, S on cp_i and N on cp_j (rank
 (r, c) holds m[S_r, N_c]); z [B, N, N, C_z] PAIR; mask [B, N, N] PAIR (the pair token mask).
-S and N are padded to multiples of ``mesh.token_multiple``. Square p x p meshes only.
-Communication per call (s = S/p, n = N/p, H heads of width D, in at least fp32): 2 all-reduces
+S and N are padded to multiples of ``mesh.token_multiple``.
+Communication per call on a square p x p mesh (s = S/p, n = N/p, H heads of width D, in at least fp32): 2 all-reduces
 of [B, H, n] on ring_j (row max, then row sum of the softmax over j); one Cannon product
 (distributed/cannon.py) of v [B, H, s*D, n] with w^T [B, H, n, n]: per rank 2(p-1)
 "ring_shift" messages, 1 "transpose" message (0 on rank (0, 0)), 1 "skew" message (0 on mesh
-row 0). Per forward on 2x2: 13 messages, on 3x3: 50; on 1x1: none.
+row 0). Per forward on 2x2: 13 messages, on 3x3: 50; on 1x1: none. On R x C the product
+runs on the SUMMA schedule (distributed/cannon.py).
 Upstream twin: boltz/model/layers/pair_averaging.py PairWeightedAveraging
 
 Algorithm. o[s, i] = sum_j w[i, j] v[s, j] per head, w = softmax_j(proj_z(z)[i, j]
@@ -42,7 +43,7 @@ class PairWeightedAveraging(_UpstreamPairWeightedAveraging):
         check_placements(f"{name}.z", z, PAIR)
         check_placements(f"{name}.mask", mask, PAIR)
         mesh = layout.mesh
-        p = mesh.require_square(name)
+        p = mesh.cols
         m_tile, z_tile, mask_tile = self.norm_m(m.to_local()), self.norm_z(z.to_local()), mask.to_local()
         dtype = torch.promote_types(m_tile.dtype, torch.float32)
         batch, s, n = m_tile.shape[:3]

@@ -1,4 +1,4 @@
-"""CP twins of upstream's triangle attention (AF2 Algorithms 13 / 14) on a square p x p mesh.
+"""CP twins of upstream's triangle attention (AF2 Algorithms 13 / 14) on any R x C mesh.
 
 Placements (mesh axes cp_i, cp_j): x [B, N, N, C_z] PAIR in/out; mask [B, N, N] PAIR (the
 pair mask). N is padded to layout.n_padded; pad tokens (index >= layout.n) are excluded as
@@ -31,6 +31,13 @@ Partial results merge with an online softmax (`boltz_cp.layers._softmax`), in at
 The ending node is the starting node of z^T: the tile is transposed locally (rank (r, c) then
 holds tile (c, r) of z^T) and the rings swap roles; z is never transposed globally.
 
+Rectangular R x C meshes: the same queries and online softmax, but key blocks cannot be aligned
+by a skew, so they arrive on the broadcast schedule of distributed/summa.py: the bias tile
+goes once to the transposed layout (`transpose_exchange`, one message per overlapping tile;
+for the ending node on the transposed grid), then kv blocks are broadcast on the kv ring
+(C of them for the starting node, R for the ending node) and bias blocks on the other ring,
+segment by segment of the key axis.
+
 Memory per rank: O(n^2) tiles (q, k, v, the output accumulator, two kv and two bias buffers)
 plus the score block of one query-row chunk, [B, rows, H, n, n]; no tensor has a full N dim.
 """
@@ -44,6 +51,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from boltz.model.layers.triangular_attention import attention as upstream
+from boltz_cp.distributed import summa
 from boltz_cp.distributed import (
     PAIR,
     Pending,
@@ -84,12 +92,10 @@ class _TriangleAttentionCP:
         name = type(self).__name__
         check_placements(f"{name}.x", x, PAIR)
         check_placements(f"{name}.mask", mask, PAIR)
-        mesh = layout.mesh
-        mesh.require_square(name)
         x_tile, mask_tile = x.to_local(), mask.to_local()
-        if x_tile.shape[1:3] != mask_tile.shape[1:3] or x_tile.shape[1] != x_tile.shape[2]:
+        if x_tile.shape[1:3] != mask_tile.shape[1:3]:
             raise ValueError(f"{name}: tiles x {tuple(x_tile.shape)} and mask "
-                             f"{tuple(mask_tile.shape)} are not matching square tiles")
+                             f"{tuple(mask_tile.shape)} do not match")
         # Ending node = starting node on z^T: local transpose, rings swap roles.
         kv_ring, bias_ring = ("j", "i") if self.starting else ("i", "j")
         if not self.starting:
@@ -105,13 +111,12 @@ class _TriangleAttentionCP:
 
 def _attend(mod, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, kv_ring: str,
             bias_ring: str, chunk_size: int | None) -> torch.Tensor:
-    """Starting-node attention of my tile x [B, n, n, C] (query rows i, query cols j)."""
+    """Starting-node attention of my tile x [B, n_i, n_j, C] (query rows i, query cols j)."""
     mesh = layout.mesh
-    p = mesh.rows
     r, c = mesh.coord
     heads, width = mod.no_heads, mod.c_hidden
     hd = heads * width
-    bsz, n = x.shape[0], x.shape[1]
+    bsz, n, n_j = x.shape[:3]
 
     ln = mod.layer_norm
     x_ln = F.layer_norm(x, ln.c_in, ln.weight.to(x.dtype), ln.bias.to(x.dtype), ln.eps)
@@ -122,29 +127,25 @@ def _attend(mod, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, kv_ri
     w_kv = torch.cat([w_kv, w_kv.new_zeros(1, w_kv.shape[1])])
     kv_tile = F.linear(x_ln, w_kv)
     kv_tile[..., -1] = mask
-    pending_kv = _skew(kv_tile, mesh, kv_ring)
-    del kv_tile
-
-    # Triangle bias of my tile, b[I, J] [B, n, n, H]; the partner sends me b of tile (c, r).
-    bias_tile = _linear(mod.linear, x_ln)
-    bias_t = bias_tile if r == c else transpose_exchange(bias_tile, mesh).wait()
-    del bias_tile
-    pending_bias = _skew(bias_t, mesh, bias_ring)
-    del bias_t
+    bias_tile = _linear(mod.linear, x_ln)  # triangle bias of my tile, b[I, J] [B, n_i, n_j, H]
+    if mesh.is_square:
+        blocks = _cannon_blocks(kv_tile, bias_tile, layout, kv_ring, bias_ring)
+    else:
+        grid = mesh.grid(transposed=kv_ring == "i")
+        bias_t = transpose_exchange(bias_tile, mesh, grid=grid).wait()  # b[J, K of the bias ring]
+        blocks = ((lo, hi, kv[:, :, ok:ok + hi - lo], b[:, :, ob:ob + hi - lo])
+                  for lo, hi, kv, ok, b, ob in summa.stream(kv_tile, bias_t, grid, layout.n_padded))
+        del bias_t
+    del kv_tile, bias_tile
 
     # [B, n_i, H, n_j, d], scaled as upstream does.
-    q = _linear(att.linear_q, x_ln).view(bsz, n, n, heads, width).permute(0, 1, 3, 2, 4)
+    q = _linear(att.linear_q, x_ln).view(bsz, n, n_j, heads, width).permute(0, 1, 3, 2, 4)
     q = q / math.sqrt(width)
-    state = _softmax.SoftmaxState.empty((bsz, n, heads), n, width, x.dtype, x.device)
+    state = _softmax.SoftmaxState.empty((bsz, n, heads), n_j, width, x.dtype, x.device)
 
     rows = chunk_size or max(1, SCORE_BLOCK_PER_TILE * x_ln.shape[-1] // heads)
-    for step in range(p):
-        kv_m, bias_m = pending_kv.wait(), pending_bias.wait()
-        if step < p - 1:  # post the next block's transfers before computing this one
-            pending_kv = ring_shift(kv_m, mesh, kv_ring, -1)
-            pending_bias = ring_shift(bias_m, mesh, bias_ring, -1)
-        m = (r + c + step) % p
-        valid = min(max(layout.n - m * n, 0), n)  # real keys of block m; the rest are pad
+    for lo, hi, kv_m, bias_m in blocks:
+        valid = min(max(layout.n - lo, 0), hi - lo)  # real keys of the block; the rest are pad
         if valid == 0:
             continue
         # NOTE(parity): pad keys are dropped outright (not given the -inf mask bias).
@@ -162,10 +163,34 @@ def _attend(mod, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, kv_ri
             _softmax.merge_(state[:, i0:i1], _softmax.partial_(scores, v[:, i0:i1]))
             del scores
 
-    o = _softmax.finalize_(state).permute(0, 1, 3, 2, 4).reshape(bsz, n, n, hd)
+    o = _softmax.finalize_(state).permute(0, 1, 3, 2, 4).reshape(bsz, n, n_j, hd)
     if att.linear_g is not None:
         o = o * torch.sigmoid(_linear(att.linear_g, x_ln))
     return _linear(att.linear_o, o)
+
+
+def _cannon_blocks(kv_tile, bias_tile, layout: TokenLayout, kv_ring: str, bias_ring: str):
+    """Square mesh: yields (lo, hi, kv block, bias block) per Cannon step, key block
+    m = (r + c + step) mod p; the next step's shifts are posted before a block is used."""
+    mesh = layout.mesh
+    p, (r, c) = mesh.rows, mesh.coord
+    n = kv_tile.shape[2]
+    pending_kv = _skew(kv_tile, mesh, kv_ring)
+    # The partner sends me b of tile (c, r).
+    bias_t = bias_tile if r == c else transpose_exchange(bias_tile, mesh).wait()
+    pending_bias = _skew(bias_t, mesh, bias_ring)
+    del kv_tile, bias_tile, bias_t
+
+    def steps(pending_kv, pending_bias):  # the skews above are in flight while q is computed
+        for step in range(p):
+            kv_m, bias_m = pending_kv.wait(), pending_bias.wait()
+            if step < p - 1:  # post the next block's transfers before computing this one
+                pending_kv = ring_shift(kv_m, mesh, kv_ring, -1)
+                pending_bias = ring_shift(bias_m, mesh, bias_ring, -1)
+            m = (r + c + step) % p
+            yield m * n, (m + 1) * n, kv_m, bias_m
+
+    return steps(pending_kv, pending_bias)
 
 
 def _skew(x: torch.Tensor, mesh, ring: str) -> Pending:

@@ -2,8 +2,9 @@
 
 Placements (mesh axes cp_i, cp_j): x [B, N, N, C] PAIR in/out; mask [B, N, N] PAIR (pair
 mask, padding 0). N is padded to layout.n_padded; pad tokens have mask 0, so they add nothing
-to the sums, and their outputs are finite. Square p x p meshes only (ConfigError otherwise).
-Communication per call (n = N/p, tile [B, n, n, C] in at least fp32; see distributed/cannon.py):
+to the sums, and their outputs are finite. Any R x C mesh: on a non-square one the product
+runs on the SUMMA schedule (distributed/cannon.py), after one transpose of the mis-placed operand.
+Communication per call on a square mesh (n = N/p, tile [B, n, n, C] in at least fp32; see distributed/cannon.py):
 per rank 2(p-1) "ring_shift" messages (p-1 on ring_j, p-1 on ring_i), 1 "transpose" message
 (the transpose fused with the skew of the mis-placed operand; 0 on rank (0, 0)), 1 "skew"
 message (0 on mesh row 0 for outgoing, column 0 for incoming). Per forward on 2x2: 13
@@ -32,7 +33,6 @@ def _forward(module, x: DTensor, mask: DTensor, layout: TokenLayout, outgoing: b
     name = type(module).__name__
     check_placements(f"{name}.x", x, PAIR)
     check_placements(f"{name}.mask", mask, PAIR)
-    layout.mesh.require_square(name)
     x_tile = module.norm_in(x.to_local())
     x_in_tile = x_tile
     x_tile = module.p_in(x_tile) * module.g_in(x_tile).sigmoid()

@@ -132,7 +132,6 @@ class Boltz2Trunk(nn.Module):
     def forward(self, inputs: TrunkInputs, layout: TokenLayout,  # type: ignore[override]
                 recycling_steps: int = 0) -> dict[str, DTensor]:
         mesh = layout.mesh
-        mesh.require_square(type(self).__name__)
         s_inputs = self.input_embedder(inputs.embedder, layout)
         s_init = like(s_inputs, self.s_init(s_inputs.to_local()))
 

@@ -2,8 +2,8 @@
 
 The affinity pass works on the predicted structure cropped to at most 256 tokens around the
 binder (boltz_cp/data/affinity.py), so its z is at most 256 x 256 x C_z: the crop's z,
-s_inputs and the chosen sample's coordinates are gathered to the head rank (the writer, rank 0),
-which runs upstream's own `AffinityModule` (same class, same parameter names: the checkpoint
+s_inputs and the chosen sample's coordinates are gathered to the head rank (the mesh's writer,
+its tile (0, 0)), which runs upstream's own `AffinityModule` (same class, same parameter names: the checkpoint
 loads strictly) exactly as upstream's forward calls it. The results are broadcast, so every
 rank returns the same values and takes part in every collective in the same order, whatever
 happens on the head rank.
@@ -36,7 +36,6 @@ from boltz_cp.distributed import TokenLayout
 from boltz_cp.errors import BoltzCPError
 from boltz_cp.modules.input_embedder import EmbedderInputs, embedder_inputs
 
-HEAD_RANK = 0  # the writer: it writes the affinity json
 HEAD_FEATURES = ("token_pad_mask", "mol_type", "affinity_token_mask")
 OUTPUTS = ("affinity_pred_value", "affinity_probability_binary")
 ENSEMBLE_OUTPUTS = (*OUTPUTS, "affinity_pred_value1", "affinity_probability_binary1",
@@ -66,7 +65,7 @@ class AffinityInputs:
         if missing:  # checked on every rank, so that no rank alone stops before the collectives
             raise KeyError(f"AffinityInputs.cut: missing affinity features {missing} (featurize_affinity makes them)")
         head = None
-        if layout.mesh.rank == HEAD_RANK:
+        if layout.mesh.is_writer:  # the head rank: the writer, which writes the affinity json
             head = {k: feats[k] for k in HEAD_FEATURES}
             rep = feats.get("token_to_rep_atom")
             head["token_to_rep_atom"] = dense_rows(feats, "token_to_rep_atom") if rep is None else rep
@@ -119,12 +118,12 @@ def affinity_heads(heads: Sequence[nn.Module], z, s_inputs, coords: Tensor, iptm
     """
     mesh = layout.mesh
     like = z.to_local()
-    z_full = layout.gather_pair(z, HEAD_RANK)
-    s_full = layout.gather_single(s_inputs, HEAD_RANK)
+    z_full = layout.gather_pair(z, mesh.writer)
+    s_full = layout.gather_single(s_inputs, mesh.writer)
     keys = ENSEMBLE_OUTPUTS if len(heads) == 2 else OUTPUTS
     shared = torch.zeros(1 + len(keys), dtype=like.dtype, device=like.device)  # [ok, values...]
     failure: Exception | None = None
-    if mesh.rank == HEAD_RANK:
+    if mesh.is_writer:
         try:
             out = run_heads(heads, z_full, s_full, coords, iptm, inputs.head, mw_correction)
             shared[0] = 1
@@ -134,9 +133,9 @@ def affinity_heads(heads: Sequence[nn.Module], z, s_inputs, coords: Tensor, iptm
                 raise
             failure = e
     if mesh.size > 1:
-        dist.broadcast(shared, src=HEAD_RANK, group=mesh.group)
+        dist.broadcast(shared, src=mesh.writer, group=mesh.group)
     if failure is not None:
         raise failure
     if shared[0] != 1:
-        raise BoltzCPError(f"the affinity heads failed on rank {HEAD_RANK} (its own error says why)")
+        raise BoltzCPError(f"the affinity heads failed on rank {mesh.writer} (its own error says why)")
     return {k: shared[1 + i].reshape(1, 1) for i, k in enumerate(keys)}

@@ -39,7 +39,7 @@ def token_means(values: Tensor, atom_token: Tensor, spans: Sequence[tuple[int, i
     atom_token [B', L] long (-1: no token), atom_count [B', n_f] (atoms per token of my block).
     Computes in ``values``' dtype (callers promote first).
     """
-    lo, hi = spans[mesh.rank]
+    lo, hi = spans[mesh.local_rank]
     # Row hi - lo collects the atoms of no token and is dropped.
     local = torch.where(atom_token >= 0, atom_token - lo, hi - lo)
     partial = values.new_zeros(values.shape[0], hi - lo + 1, values.shape[-1])
@@ -56,7 +56,7 @@ def token_rows_to_atoms(block_rows: Tensor, atom_token: Tensor, spans: Sequence[
 
     atom_token [B', L] long (-1: no token -> zeros). Exact copies (the one-hot bmm adds zeros).
     """
-    lo, hi = spans[mesh.rank]
+    lo, hi = spans[mesh.local_rank]
     rows = span_gather(block_rows, spans, mesh).wait()  # [B', hi - lo, C]
     rows = torch.cat([rows, rows.new_zeros(rows.shape[0], 1, rows.shape[-1])], dim=1)
     local = torch.where(atom_token >= 0, atom_token - lo, hi - lo)

@@ -56,7 +56,7 @@ class AtomWindowPlan:
     @classmethod
     def for_mesh(cls, m: int, mesh: CPMesh, window_queries: int = 32,
                  window_keys: int = 128) -> "AtomWindowPlan":
-        return cls(m, mesh.size, mesh.rank, window_queries, window_keys)
+        return cls(m, mesh.size, mesh.local_rank, window_queries, window_keys)
 
     @property
     def halo(self) -> int:
@@ -90,10 +90,10 @@ class AtomWindowPlan:
     def check(self, who: str, mesh: CPMesh, window_queries: int, window_keys: int) -> None:
         """ValueError naming ``who`` unless this plan was cut for my rank of ``mesh`` and these windows."""
         if (self.ranks, self.rank, self.window_queries, self.window_keys) != (
-                mesh.size, mesh.rank, window_queries, window_keys):
+                mesh.size, mesh.local_rank, window_queries, window_keys):
             raise ValueError(f"{who}: inputs were cut for rank {self.rank} of {self.ranks} with "
                              f"W={self.window_queries}, H={self.window_keys}; this is rank "
-                             f"{mesh.rank} of {mesh.size} with W={window_queries}, H={window_keys}")
+                             f"{mesh.local_rank} of {mesh.size} with W={window_queries}, H={window_keys}")
 
     def exists(self, extended: bool = True, device=None) -> Tensor:
         """Bool [L + 2h] (or [L]): which positions of my (extended) range are atoms < M."""

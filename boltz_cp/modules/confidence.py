@@ -11,7 +11,7 @@ Placements (mesh axes cp_i, cp_j; N = layout.n_padded, B*m = batch x multiplicit
          complex_plddt, complex_iplddt, complex_pde, complex_ipde, ptm, iptm, ligand_iptm,
          protein_iptm [B*m] and pair_chains_iptm {chain: {chain: [B*m]}} replicated.
 Communication per call (square p x p mesh, n = N/p, C chains):
-    z init: 1 transpose_exchange of [B, n, 2*C_z] (s_to_z_transpose and s_to_z_prod_in2 of my
+    z init: 1 column_block of [B, n, 2*C_z] (s_to_z_transpose and s_to_z_prod_in2 of my
       row block, packed); the pairformer stack: its layers' rings;
     heads: 1 transpose_exchange of the z tile [B*m, n, n, C_z] (pde uses z + z^T); on ring_j
       1 all-reduce MAX of [B*m, n] (iplddt interface mask) and 1 all-reduce SUM of
@@ -51,6 +51,7 @@ from boltz_cp.distributed import (
     single_from_local,
     transpose_exchange,
 )
+from boltz_cp.distributed.comm import column_block
 from boltz_cp.distributed.tiles import contiguous_stride
 from boltz_cp.errors import ConfigError
 from boltz_cp.layers.pairformer import PairformerModule
@@ -362,7 +363,6 @@ class ConfidenceModule(upstream.ConfidenceModule):
         check_placements(f"{name}.s", s, SINGLE_BY_I)
         check_placements(f"{name}.z", z, PAIR)
         mesh = layout.mesh
-        mesh.require_square(name)  # column blocks live on the transpose partner
         if z.shape[1] != layout.n_padded:
             raise ValueError(f"{name}: expected {layout.n_padded} (padded) tokens, got z {tuple(z.shape)}")
         if x_pred.dim() == 4:
@@ -384,7 +384,7 @@ class ConfidenceModule(upstream.ConfidenceModule):
         to_send = [self.s_to_z_transpose(si_tile)]
         if self.add_s_to_z_prod:
             to_send.append(self.s_to_z_prod_in2(si_tile))
-        pending = transpose_exchange(torch.cat(to_send, -1), mesh)
+        pending = column_block(torch.cat(to_send, -1), mesh)
 
         z_tile = self.z_norm(z.to_local())
         if self.add_z_input_to_z:

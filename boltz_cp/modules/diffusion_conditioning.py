@@ -107,7 +107,7 @@ class DiffusionConditioning(_UpstreamDiffusionConditioning):
         w, h, kw, halo, n_loc = (plan.window_queries, plan.window_keys, plan.windows_per_rank,
                                  plan.halo, plan.local_atoms)
         own = slice(halo, halo + n_loc)
-        lo, hi = inputs.spans[mesh.rank]
+        lo, hi = inputs.spans[mesh.local_rank]
         # Token of every atom of my extended range (-1: none); the halo's come from neighbours.
         # The exchanges in flight together carry distinct tags.
         tok_pending = halo_exchange(inputs.atom_token + 1, mesh, halo)

@@ -9,7 +9,7 @@ that nothing downstream uses.
 Communication per call (square p x p mesh, n = N/p):
     `token_blocks`, `RelativePositionEncoder.forward`: none (each rank slices its blocks of
       the O(N) per-token features; the tile is computed locally, no N x N feature anywhere).
-    `outer_sum_init`: 1 transpose_exchange of z_init_2(s_inputs[I_r]), B*n*C_z elements, to
+    `outer_sum_init`: 1 column_block of z_init_2(s_inputs[I_r]), B*n*C_z elements, to
       (c, r) (a local clone on the diagonal). Sending the projection rather than s_inputs
       itself moves C_z instead of C_s channels (128 vs 384 at Boltz-2 widths).
 Upstream twin: boltz/model/modules/encodersv2.py RelativePositionEncoder;
@@ -30,8 +30,8 @@ from boltz_cp.distributed import (
     check_placements,
     pad_tokens,
     pair_from_tile,
-    transpose_exchange,
 )
+from boltz_cp.distributed.comm import column_block
 
 # Key that `token_blocks` adds to both blocks: upstream's cyclic test
 # `torch.any(feats["cyclic_period"] > 0)` is global over all tokens (and the batch), so it is
@@ -144,16 +144,15 @@ def outer_sum_init(z_init_1: nn.Linear, z_init_2: nn.Linear, s_inputs: DTensor,
     """z_init_1(s_inputs)[i] + z_init_2(s_inputs)[j] on my tile (I_r, J_c): [B, N, N, C_z] PAIR.
 
     The transpose partner (c, r) owns row block I_c = J_c, projects it with z_init_2 and sends
-    it: one transpose_exchange of [B, n, C_z] (square mesh), overlapped with z_init_1.
+    it: one swap of [B, n, C_z] (square mesh; `column_block` on R x C), overlapped with z_init_1.
     """
     check_placements("outer_sum_init.s_inputs", s_inputs, SINGLE_BY_I)
     mesh = layout.mesh
-    mesh.require_square("outer_sum_init")  # s_inputs[J_c] lives on the transpose partner
     if s_inputs.shape[1] != layout.n_padded:
         raise ValueError(f"outer_sum_init: expected {layout.n_padded} (padded) tokens, got "
                          f"s_inputs {tuple(s_inputs.shape)}")
     s_tile = s_inputs.to_local()
-    pending = transpose_exchange(z_init_2(s_tile), mesh)
+    pending = column_block(z_init_2(s_tile), mesh)
     z_i = z_init_1(s_tile)
     z_j = pending.wait()
     return pair_from_tile(z_i[:, :, None] + z_j[:, None, :], mesh)

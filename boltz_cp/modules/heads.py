@@ -4,7 +4,8 @@ Placements (mesh axes cp_i, cp_j): z [B, N, N, C_z] PAIR in; out
 [B, N, N, num_distograms, num_bins] PAIR. N is layout.n_padded (pad rows and columns hold
 finite values that nothing downstream uses).
 Communication per call (square p x p mesh, n = N/p): 1 transpose_exchange of my z tile,
-B*n*n*C_z elements, to (c, r) (a local clone on the diagonal: p(p-1) messages mesh-wide).
+B*n*n*C_z elements, to (c, r) (a local clone on the diagonal: p(p-1) messages mesh-wide); on
+R x C one message per overlapping tile of the transposed layout.
 Upstream twin: boltz/model/modules/trunkv2.py DistogramModule
 """
 
@@ -27,7 +28,6 @@ class DistogramModule(_UpstreamDistogramModule):
         name = type(self).__name__
         check_placements(f"{name}.z", z, PAIR)
         mesh = layout.mesh
-        mesh.require_square(name)  # z^T of my tile lives on the transpose partner
         if z.shape[1] != layout.n_padded:
             raise ValueError(f"{name}: expected {layout.n_padded} (padded) tokens, got z "
                              f"{tuple(z.shape)}")

@@ -98,7 +98,7 @@ def embedder_inputs(feats: dict[str, Tensor], layout: TokenLayout, window_querie
     """
     mesh = layout.mesh
     m = feats["ref_pos"].shape[1]
-    plan = AtomWindowPlan(m, mesh.size, mesh.rank, window_queries, window_keys)
+    plan = AtomWindowPlan(m, mesh.size, mesh.local_rank, window_queries, window_keys)
     index = feats.get("atom_to_token_index")
     if index is None:
         index = atom_to_token_index(feats["atom_to_token"])
@@ -128,7 +128,7 @@ def embedder_inputs(feats: dict[str, Tensor], layout: TokenLayout, window_querie
         spans.append((int(own.min()), int(own.max()) + 1) if own.numel() else (0, 0))
 
     names = {"profile": "profile_affinity", "deletion_mean": "deletion_mean_affinity"} if affinity else {}
-    block = layout.block(mesh.rank, mesh.size)
+    block = layout.block(mesh.local_rank, mesh.size)
     tokens = {}
     for k in (*TOKEN_FEATURES, *OPTIONAL_TOKEN_FEATURES):
         src = names.get(k, k)

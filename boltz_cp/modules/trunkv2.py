@@ -11,7 +11,7 @@ upstream does and keep the rows S_r of the subsample without communication; s_in
 Communication per MSALayer call: pair weighted averaging (2 all-reduces of [B, H, N/p] on
 ring_j and one Cannon ring: 2p messages per rank), MSA transition (none), outer product mean
 (one Cannon ring: 2p messages per rank), PairformerNoSeqLayer (its sublayers' rings).
-MSAModule: 1 transpose_exchange of s_proj(s_inputs[I_r]) [B, N/p, C_m], then its layers.
+MSAModule: 1 column_block of s_proj(s_inputs[I_r]) [B, N/p, C_m], then its layers.
 ContactConditioning: contact_conditioning [B, N, N, 5] and contact_threshold [B, N, N] PAIR
 in (my tiles), out [B, N, N, C_z] PAIR; per pair, so no communication.
 Upstream twin: boltz/model/modules/trunkv2.py MSALayer, MSAModule, ContactConditioning
@@ -40,8 +40,8 @@ from boltz_cp.distributed import (
     padded_size,
     pair_from_tile,
     tile_bounds,
-    transpose_exchange,
 )
+from boltz_cp.distributed.comm import column_block
 from boltz_cp.layers._dropout import draw_like_upstream_dropout
 from boltz_cp.layers._dtensor import like
 from boltz_cp.layers.outer_product_mean import OuterProductMean
@@ -130,8 +130,7 @@ class MSAModule(upstream.MSAModule):
         check_placements(f"{name}.s_inputs", s_inputs, SINGLE_BY_I)
         check_placements(f"{name}.pair_mask", pair_mask, PAIR)
         mesh = layout.mesh
-        mesh.require_square(name)  # s_inputs[J_c] lives on the transpose partner
-        pending = transpose_exchange(self.s_proj(s_inputs.to_local()), mesh)
+        pending = column_block(self.s_proj(s_inputs.to_local()), mesh)  # s_inputs[J_c]
 
         rows = msa_cols["msa"].shape[1]
         keep = torch.arange(rows)

@@ -9,6 +9,9 @@ Verdict:
 - float32: errors against that float64 oracle; the CP run's error percentiles (p50, p90, p99)
   must be at most 1.25x the serial float32 run's and its max error at most 2x. Reassociated
   sums (ring order, online softmax) change round-off, not its magnitude.
+- bf16-mixed: float32 weights and inputs under bf16 autocast on both sides (as upstream's
+  Lightning `bf16-mixed` runs), judged like float32. A case whose serial side cannot run in
+  it says why (SKIP: neither a pass nor a failure).
 Inputs and outputs are full tensors of N tokens on every rank (gathered for the comparison).
 """
 
@@ -97,8 +100,11 @@ class CaseResult:
     passed: bool
     detail: str = ""
     serial_abs_err: float | None = None  # float32: upstream's own float32 error, for scale
+    skipped: str = ""  # why the case cannot run in this dtype (neither passed nor failed)
 
     def line(self) -> str:
+        if self.skipped:
+            return f"{self.name} tokens={self.n} mesh={self.mesh} dtype={self.dtype} SKIP ({self.skipped})"
         verdict = "PASS" if self.passed else "FAIL"
         extra = f" ({self.detail})" if self.detail and not self.passed else ""
         serial = "" if self.serial_abs_err is None else f" serial_max_abs_err={self.serial_abs_err:.3e}"
@@ -129,12 +135,19 @@ def _flat_err(out: dict, ref: dict) -> torch.Tensor:
     return torch.cat([(out[k].double() - r.double()).abs().flatten() for k, r in ref.items()])
 
 
+def inputs_on_cuda(inputs: dict) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.is_cuda for v in inputs.values())
+
+
 def run_case(name: str, mesh: CPMesh, n: int, dtype: str = "float64", preset: str = "tiny", seed: int = 0) -> CaseResult:
     """Build, run and judge one case on `mesh` (call on every rank; returns the same verdict)."""
     cases = load_cases()
     if name not in cases:
         raise KeyError(f"unknown parity module '{name}'; known: {', '.join(sorted(cases))}")
     case, pre = cases[name], PRESETS[preset]
+    if dtype == "bf16-mixed" and getattr(case, "bf16_mixed_unsupported", None):
+        return CaseResult(name, n, f"{mesh.rows}x{mesh.cols}", dtype, float("nan"), float("nan"), False,
+                          skipped=case.bf16_mixed_unsupported)
     gen = torch.Generator().manual_seed(seed)
     upstream64 = randomize_(case.build(pre), gen).double().eval()
     inputs64 = case.inputs(n, pre, gen)
@@ -156,8 +169,13 @@ def run_case(name: str, mesh: CPMesh, n: int, dtype: str = "float64", preset: st
                 return CaseResult(name, n, mesh_name, dtype, abs_err, rel_err, False, str(e).splitlines()[0])
         upstream32 = copy.deepcopy(upstream64).float()
         inputs32 = {k: v.float() if v.is_floating_point() else v for k, v in inputs64.items()}
-        serial32 = case.serial(upstream32, inputs32)
-        out32 = case.cp(case.cp_twin(upstream32), inputs32, layout)
+        # bf16-mixed: fp32 weights under autocast, as upstream's Lightning precision does it.
+        mixed = torch.autocast("cuda" if inputs_on_cuda(inputs32) else "cpu", dtype=torch.bfloat16,
+                               enabled=dtype == "bf16-mixed")
+        with mixed:
+            serial32 = case.serial(upstream32, inputs32)
+        with mixed:
+            out32 = case.cp(case.cp_twin(upstream32), inputs32, layout)
     abs_err, rel_err = _errors(out32, ref)
     e_cp, e_serial = _flat_err(out32, ref), _flat_err(serial32, ref)
     qs = torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)
