@@ -106,11 +106,13 @@ def test_bad_checkpoint_cli(kind, tmp_path, small_input, boltz_cache):
 def _assert_ranks_stop_with(r: subprocess.CompletedProcess, message: str, nproc: int) -> None:
     """Every rank that reports says `message`, with its rank, and no rank has a traceback. Not every
     rank need report: torchrun's agent stops the remaining workers (SIGTERM) as soon as the first
-    one exits non-zero, and under load a slower rank is still importing torch then."""
+    one exits non-zero, and under load a slower rank is still importing torch then. A rank that the
+    agent stops before it reached the check says so in its own one line."""
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.startswith("boltz_cp: error:")]
     assert lines, r.stderr[-3000:]
-    assert all(message in line for line in lines), lines
+    assert any(message in line for line in lines), lines
+    assert all(message in line or "stopped by SIGTERM" in line for line in lines), lines
     ranks = [line.split("[rank ", 1)[1].split("/", 1)[0] for line in lines]
     assert len(set(ranks)) == len(ranks) and set(ranks) <= {str(k) for k in range(nproc)}, lines
     # torchrun's agent prints its own traceback (ChildFailedError); none may come from boltz_cp.
