@@ -172,8 +172,8 @@ def transpose_exchange(x: torch.Tensor, mesh: CPMesh, *, dims: tuple[int, int] =
     grid = grid or mesh.grid()
     (a, b), rows, cols = grid.coord, grid.rows, grid.cols
     d0, d1 = (d % x.dim() for d in dims)
-    if rows == cols:
-        partner = grid.rank_of(b, a)
+    if rows == cols:  # (either view) the tile of (c, r)
+        partner = mesh.transpose_partner
         if partner == mesh.rank:
             return _local(x)
         return _exchange(x, partner, partner, grid.group, "transpose", tag)
@@ -215,7 +215,7 @@ def column_block(x: torch.Tensor, mesh: CPMesh, *, dim: int = 1, tag: int = 0) -
     d = dim % x.dim()
     n = x.shape[d] * rows
     if rows == cols:
-        partner = mesh.rank_of(c, r)
+        partner = mesh.transpose_partner
         if partner == mesh.rank:
             return _local(x)
         return _exchange(x, partner, partner, mesh.group, "transpose", tag)
