@@ -45,12 +45,12 @@ def _setup(mesh, n, case="diffusion_step"):
     from boltz_cp.modules.input_embedder import embedder_inputs
     from boltz_cp.parity.cases.diffusion import H, W, cut_conditioning
     from boltz_cp.parity.reference import randomize_
-    from boltz_cp.parity.runner import PRESETS, load_cases
+    from boltz_cp.parity.runner import LAYER_WIDTHS, load_cases
 
     c = load_cases()[case]
     gen = torch.Generator().manual_seed(0)
-    module = c.cp_twin(randomize_(c.build(PRESETS["tiny"]), gen).double())
-    x = c.inputs(n, PRESETS["tiny"], gen)
+    module = c.cp_twin(randomize_(c.build(LAYER_WIDTHS["tiny"]), gen).double())
+    x = c.inputs(n, LAYER_WIDTHS["tiny"], gen)
     layout = TokenLayout(n, mesh)
     inputs = embedder_inputs({k: v for k, v in x.items() if k != "atom_to_token"}, layout, W, H)
     args = (layout.shard_single(x["s_inputs"]), layout.shard_single(x["s_trunk"]), x["r_noisy"],
@@ -133,12 +133,12 @@ def test_guard_fires_on_upstream():
     from boltz_cp.parity.cases.diffusion import DiffusionStepCase
     from boltz_cp.parity.guards import FullSizeGuard
     from boltz_cp.parity.reference import fp64_reference
-    from boltz_cp.parity.runner import PRESETS
+    from boltz_cp.parity.runner import LAYER_WIDTHS
 
     case = DiffusionStepCase()
     gen = torch.Generator().manual_seed(0)
-    module = case.build(PRESETS["tiny"]).double().eval()
-    x = case.inputs(N_GUARD, PRESETS["tiny"], gen)
+    module = case.build(LAYER_WIDTHS["tiny"]).double().eval()
+    x = case.inputs(N_GUARD, LAYER_WIDTHS["tiny"], gen)
     guard = FullSizeGuard(N_GUARD)
     with torch.inference_mode(), fp64_reference(), guard:
         case.serial(module, x)

@@ -128,12 +128,12 @@ def _setup(mesh, n, case="diffusion_conditioning"):
     from boltz_cp.modules.input_embedder import embedder_inputs
     from boltz_cp.parity.cases.diffusion_conditioning import TRUNK_KEYS
     from boltz_cp.parity.reference import randomize_
-    from boltz_cp.parity.runner import PRESETS, load_cases
+    from boltz_cp.parity.runner import LAYER_WIDTHS, load_cases
 
     c = load_cases()[case]
     gen = torch.Generator().manual_seed(0)
-    module = c.cp_twin(randomize_(c.build(PRESETS["tiny"]), gen).double())
-    x = c.inputs(n, PRESETS["tiny"], gen)
+    module = c.cp_twin(randomize_(c.build(LAYER_WIDTHS["tiny"]), gen).double())
+    x = c.inputs(n, LAYER_WIDTHS["tiny"], gen)
     layout = TokenLayout(n, mesh)
     feats = {k: v for k, v in x.items() if k not in (*TRUNK_KEYS, "atom_to_token")}
     trunk = (layout.shard_single(x["s_trunk"]), layout.shard_pair(x["z_trunk"]),

@@ -132,12 +132,12 @@ def _setup(mesh, n, case="input_embedder"):
     from boltz_cp.distributed import TokenLayout
     from boltz_cp.modules.input_embedder import embedder_inputs
     from boltz_cp.parity.reference import randomize_
-    from boltz_cp.parity.runner import PRESETS, load_cases
+    from boltz_cp.parity.runner import LAYER_WIDTHS, load_cases
 
     c = load_cases()[case]
     gen = torch.Generator().manual_seed(0)
-    module = c.cp_twin(randomize_(c.build(PRESETS["tiny"]), gen).double())
-    x = c.inputs(n, PRESETS["tiny"], gen)
+    module = c.cp_twin(randomize_(c.build(LAYER_WIDTHS["tiny"]), gen).double())
+    x = c.inputs(n, LAYER_WIDTHS["tiny"], gen)
     layout = TokenLayout(n, mesh)
     feats = {k: v for k, v in x.items() if k != "atom_to_token"}
     return module, embedder_inputs(feats, layout), layout, x
@@ -199,12 +199,12 @@ def test_guard_fires_on_upstream():
     from boltz_cp.parity.cases.input_embedder import InputEmbedderCase
     from boltz_cp.parity.guards import FullSizeGuard
     from boltz_cp.parity.reference import fp64_reference
-    from boltz_cp.parity.runner import PRESETS
+    from boltz_cp.parity.runner import LAYER_WIDTHS
 
     case = InputEmbedderCase()
     gen = torch.Generator().manual_seed(0)
-    module = case.build(PRESETS["tiny"]).double().eval()
-    x = case.inputs(N_GUARD, PRESETS["tiny"], gen)
+    module = case.build(LAYER_WIDTHS["tiny"]).double().eval()
+    x = case.inputs(N_GUARD, LAYER_WIDTHS["tiny"], gen)
     guard = FullSizeGuard(N_GUARD)
     with torch.inference_mode(), fp64_reference(), guard:
         case.serial(module, x)

@@ -35,12 +35,17 @@ def test_parity_plain_and_usage_errors():
     r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
               "-m", "boltz_cp.parity", "transition_z", "--mesh", "2x2"])
     assert r.returncode != 0 and "mesh 2x2 needs 4 processes but the world size is 2" in r.stderr, r.stderr[-2000:]
+    r = _run([sys.executable, "-m", "boltz_cp.parity", "trunk", "--preset", "full"])
+    assert r.returncode == 2 and "--preset full (layer widths) does not apply" in r.stderr, r.stdout + r.stderr
 
 
 def _all_float32_full(mesh, n):
     from boltz_cp.parity.runner import load_cases, run_case
 
-    return [run_case(name, mesh, n, dtype="float32", preset="full").line() for name in sorted(load_cases())]
+    # Model-level cases build a checkpoint preset's model and refuse other layer widths.
+    return [run_case(name, mesh, n, dtype="float32",
+                     preset="tiny" if getattr(case, "checkpoint_preset", None) else "full").line()
+            for name, case in sorted(load_cases().items())]
 
 
 def test_parity_all_float32_full_width_on_2x2(run_on_mesh):

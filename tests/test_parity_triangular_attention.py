@@ -74,9 +74,9 @@ def test_online_softmax_merges_blocks_exactly():
 def _setup(mesh, name, n, seed=0, preset="tiny"):
     from boltz_cp.distributed import TokenLayout
     from boltz_cp.parity.reference import randomize_
-    from boltz_cp.parity.runner import PRESETS, load_cases
+    from boltz_cp.parity.runner import LAYER_WIDTHS, load_cases
 
-    case, pre = load_cases()[name], PRESETS[preset]
+    case, pre = load_cases()[name], LAYER_WIDTHS[preset]
     gen = torch.Generator().manual_seed(seed)
     upstream = randomize_(case.build(pre), gen).double().eval()
     inputs = case.inputs(n, pre, gen)

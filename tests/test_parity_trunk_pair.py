@@ -70,9 +70,9 @@ def _setup(mesh, n, seed=0):
     """Upstream-weighted CP modules (fp64), full inputs and the layout."""
     from boltz_cp.distributed import TokenLayout
     from boltz_cp.parity.reference import randomize_
-    from boltz_cp.parity.runner import PRESETS, load_cases
+    from boltz_cp.parity.runner import LAYER_WIDTHS, load_cases
 
-    cases, pre = load_cases(), PRESETS["tiny"]
+    cases, pre = load_cases(), LAYER_WIDTHS["tiny"]
     gen = torch.Generator().manual_seed(seed)
     mods, x = {}, {}
     for name in ("pair_init", "distogram"):

@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from boltz_cp.distributed import CPMesh, TokenLayout
+from boltz_cp.errors import ConfigError
 from boltz_cp.parity.reference import fp64_reference, randomize_
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
-class Preset:
+class LayerWidths:
     """Layer widths for parity runs: `tiny` for CI, `full` = Boltz-2's inference widths."""
 
     token_s: int
@@ -42,20 +43,20 @@ class Preset:
     num_blocks: int  # pairformer blocks for the module-level cases
 
 
-PRESETS = {
-    "tiny": Preset(token_s=32, token_z=16, num_heads=4, pairwise_num_heads=2, pairwise_head_width=8, num_blocks=2),
-    "full": Preset(token_s=384, token_z=128, num_heads=16, pairwise_num_heads=4, pairwise_head_width=32, num_blocks=2),
+LAYER_WIDTHS = {
+    "tiny": LayerWidths(token_s=32, token_z=16, num_heads=4, pairwise_num_heads=2, pairwise_head_width=8, num_blocks=2),
+    "full": LayerWidths(token_s=384, token_z=128, num_heads=16, pairwise_num_heads=4, pairwise_head_width=32, num_blocks=2),
 }
 
 
 class Case(Protocol):
-    def build(self, preset: Preset) -> nn.Module:
+    def build(self, preset: LayerWidths) -> nn.Module:
         """The upstream module (weights are randomised by the runner)."""
 
     def cp_twin(self, upstream: nn.Module) -> nn.Module:
         """The CP module holding the same weights (loaded with strict=True)."""
 
-    def inputs(self, n: int, preset: Preset, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def inputs(self, n: int, preset: LayerWidths, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Full float64 inputs for N tokens (masks with real zeros). A case built on a real
         input may ignore n and define ``num_tokens(inputs) -> N`` instead."""
 
@@ -144,7 +145,11 @@ def run_case(name: str, mesh: CPMesh, n: int, dtype: str = "float64", preset: st
     cases = load_cases()
     if name not in cases:
         raise KeyError(f"unknown parity module '{name}'; known: {', '.join(sorted(cases))}")
-    case, pre = cases[name], PRESETS[preset]
+    case, pre = cases[name], LAYER_WIDTHS[preset]
+    fixed = getattr(case, "checkpoint_preset", None)
+    if fixed is not None and preset != "tiny":
+        raise ConfigError(f"parity case {name} builds the `{fixed}` checkpoint preset's model; "
+                          f"--preset {preset} (layer widths) does not apply to it")
     if dtype == "bf16-mixed" and getattr(case, "bf16_mixed_unsupported", None):
         return CaseResult(name, n, f"{mesh.rows}x{mesh.cols}", dtype, float("nan"), float("nan"), False,
                           skipped=case.bf16_mixed_unsupported)

@@ -122,8 +122,11 @@ def _featurize_to(out: str) -> None:
 
 @register("model_affinity")
 class ModelAffinityCase:
+    checkpoint_preset = "tiny-affinity"  # the runner's layer widths do not apply
+
     def build(self, preset):
-        from boltz_cp.models.checkpoint import PRESETS, _upstream_steering_defaults, build_model
+        from boltz_cp.models.checkpoint import _upstream_steering_defaults, build_model
+        from boltz_cp.models.presets import PRESETS
 
         model = build_model(PRESETS["tiny-affinity"])
         model.predict_args = {"recycling_steps": RECYCLING_STEPS, "sampling_steps": SAMPLING_STEPS,

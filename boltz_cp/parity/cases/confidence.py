@@ -51,8 +51,11 @@ def flatten(out: dict) -> dict[str, torch.Tensor]:
 
 @register("confidence")
 class ConfidenceCase:
+    checkpoint_preset = "tiny"  # the runner's layer widths do not apply
+
     def build(self, preset):
-        from boltz_cp.models.checkpoint import PRESETS, build_model
+        from boltz_cp.models.checkpoint import build_model
+        from boltz_cp.models.presets import PRESETS
 
         model = build_model(PRESETS["tiny"])
         self.hparams = dict(model.hparams)
@@ -64,7 +67,7 @@ class ConfidenceCase:
         return twin_from(upstream, ConfidenceModule.from_hparams(self.hparams))
 
     def inputs(self, n, preset, generator):
-        from boltz_cp.models.checkpoint import PRESETS
+        from boltz_cp.models.presets import PRESETS
 
         feats = edited_features()
         n = feats["token_pad_mask"].shape[1]

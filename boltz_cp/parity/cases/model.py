@@ -36,11 +36,13 @@ def _select(out: dict) -> dict:
 
 @register("model")
 class ModelCase:
+    checkpoint_preset = "tiny"  # the runner's layer widths do not apply
     steering = {"fk_steering": False, "physical_guidance_update": False, "contact_guidance_update": False}
     forced = False
 
     def build(self, preset):
-        from boltz_cp.models.checkpoint import PRESETS, _upstream_steering_defaults, build_model
+        from boltz_cp.models.checkpoint import _upstream_steering_defaults, build_model
+        from boltz_cp.models.presets import PRESETS
 
         model = build_model(PRESETS["tiny"])
         model.predict_args = {"recycling_steps": RECYCLING_STEPS, "sampling_steps": SAMPLING_STEPS,

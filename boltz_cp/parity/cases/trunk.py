@@ -163,8 +163,11 @@ OUTPUTS = ("s", "z", "pdistogram", "s_inputs")
 
 @register("trunk")
 class TrunkCase:
+    checkpoint_preset = "tiny"  # the runner's layer widths do not apply
+
     def build(self, preset):
-        from boltz_cp.models.checkpoint import PRESETS, build_model
+        from boltz_cp.models.checkpoint import build_model
+        from boltz_cp.models.presets import PRESETS
 
         return build_model(PRESETS["tiny"])
 
