@@ -62,7 +62,7 @@ def _upstream(inp, tmp_path, mol_dir, ckpt):
 
 
 def _ours(inp, tmp_path, mol_dir, ckpt):
-    from boltz_cp.cli.predict import run_reference
+    from boltz_cp.cli.run import run_reference
     from boltz_cp.data.inputs import ProcessedDirs, featurize, parse_target, write_processed
     from boltz_cp.models.checkpoint import load_boltz2
 
@@ -91,7 +91,7 @@ def test_reference_equals_upstream(small_input, tmp_path, boltz_cache, tiny_ckpt
     for k in ("plddt", "pde", "complex_plddt", "confidence_score"):
         torch.testing.assert_close(ours[k], up[k], rtol=0, atol=0, msg=k)
     # the seed matters: another seed moves the coordinates
-    from boltz_cp.cli.predict import run_reference
+    from boltz_cp.cli.run import run_reference
     from boltz_cp.models.checkpoint import load_boltz2
 
     model, _ = load_boltz2(tiny_ckpt, predict_args=PREDICT,

@@ -111,7 +111,7 @@ def predict_affinity(cfg, model, record, dirs, staged: Path, mol_dir: Path, devi
     ``staged/<id>/affinity_<id>.json`` on the writer rank with upstream's BoltzAffinityWriter."""
     from boltz.data.write.writer import BoltzAffinityWriter
 
-    from boltz_cp.cli.predict import run_model
+    from boltz_cp.cli.run import run_model
     from boltz_cp.data.affinity import featurize_affinity
 
     cp = cfg.model.backend == "cp"

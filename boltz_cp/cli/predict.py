@@ -23,7 +23,6 @@ import os
 import shutil
 import socket
 import tempfile
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from boltz_cp.cli import faults
 from boltz_cp.cli.progress import Progress
+from boltz_cp.cli.run import resolve_precision, run_model
 from boltz_cp.distributed.mesh import auto_mesh, check_mesh_size
 from boltz_cp.errors import BoltzCPError, CheckpointError, ConfigError, InputError, RankFailure
 
@@ -102,19 +102,6 @@ def _resolve_auto_mesh(cfg: DictConfig, world: int) -> None:
     rows, cols = auto_mesh(world // cfg.dp)
     with open_dict(cfg), read_write(cfg):
         cfg.mesh.rows, cfg.mesh.cols = rows, cols
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16-mixed" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast(precision: str, device: torch.device):
-    """bf16-mixed as Lightning does it (autocast, fp32 weights); fp32 runs with no autocast at all."""
-    if precision == "bf16-mixed":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def predict(cfg: DictConfig, input_arg: str) -> None:
@@ -338,87 +325,6 @@ def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, preci
         log(f"{record.id}: wrote {out / 'predictions' / record.id}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def run_model(model, batch: dict, cfg, mesh, device: torch.device, precision: str, log) -> dict | None:
-    """One featurized batch through the model of `cfg.model.backend` (`run_cp` or `run_reference`),
-    with progress lines from hooks on the model's modules."""
-    args = model.predict_args
-    # Upstream's sampler denoises `samples % max_parallel_samples + 1` chunks per step.
-    chunks = args["diffusion_samples"] % (args["max_parallel_samples"] or args["diffusion_samples"]) + 1
-    hooks = log.hook_model(model, args["recycling_steps"], args["sampling_steps"], chunks)
-    try:
-        if cfg.model.backend == "cp":
-            return run_cp(model, batch, cfg, mesh, device, precision)
-        return run_reference(model, batch, cfg.seed, device, precision)
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def run_reference(model, batch: dict, seed: int, device: torch.device, precision: str) -> dict:
-    """Upstream's serial `Boltz2.predict_step` on one featurized batch; sampling seeded by `seed`.
-
-    The sampling RNG is reseeded after featurization, so featurizing never shifts the noise.
-    """
-    from lightning_fabric.utilities.seed import seed_everything
-
-    from boltz_cp.data.inputs import batch_to
-
-    seed_everything(seed, verbose=False)
-    with torch.inference_mode(), autocast(precision, device):
-        return model.predict_step(batch_to(batch, device), 0)
-
-
-def run_cp(model, batch: dict, cfg, mesh, device: torch.device, precision: str = "fp32") -> dict | None:
-    """The CP model on one featurized batch (every rank of the mesh); upstream's prediction dict
-    on the mesh's writer rank (its tile (0, 0)), None elsewhere. Seeded like `run_reference`, so the same seed samples
-    the same noise as the serial model."""
-    from boltz.model.models.boltz2 import Boltz2
-    from lightning_fabric.utilities.seed import seed_everything
-
-    from boltz_cp.data.inputs import batch_to
-    from boltz_cp.distributed import TokenLayout
-    from boltz_cp.models.boltz2 import ModelInputs, gather_outputs
-
-    batch = batch_to(batch, device)
-    layout = TokenLayout(batch["token_pad_mask"].shape[1], mesh)
-    inputs = ModelInputs.cut(batch, layout)
-    affinity = None
-    if model.affinity_prediction:  # the affinity pass (boltz_cp/cli/affinity.py)
-        from boltz_cp.modules.affinity import AffinityInputs
-
-        affinity = AffinityInputs.cut(batch, layout)
-    args = model.predict_args
-    seed_everything(cfg.seed, verbose=False)
-    with torch.inference_mode(), autocast(precision, device):
-        out = model(inputs, layout, recycling_steps=args["recycling_steps"],
-                    num_sampling_steps=args["sampling_steps"], diffusion_samples=args["diffusion_samples"],
-                    max_parallel_samples=args["max_parallel_samples"], affinity=affinity)
-        # The trunk's z and the distogram are N x N: gathered to the writer only for embeddings.
-        keep = {k: v for k, v in out.items() if k not in ("pdistogram", "relative_position_encoding")
-                and (cfg.write_embeddings or k != "z")}
-        full = gather_outputs(keep, layout, dst=mesh.writer)
-    if full is None:
-        return None
-    full.setdefault("z", None)
-    return Boltz2.predict_step(_Finished(full, model), batch, 0)
-
-
-class _Finished:
-    """Stands in for the model inside upstream's `Boltz2.predict_step`, whose post-processing
-    (confidence score, output keys) is reused as is: calling it returns the gathered outputs."""
-
-    def __init__(self, out: dict, model) -> None:
-        self.out = out
-        self.predict_args = model.predict_args
-        self.confidence_prediction = model.confidence_prediction
-        self.alpha_pae = model.alpha_pae
-        self.affinity_prediction = model.affinity_prediction
-        self.affinity_ensemble = model.affinity_ensemble
-
-    def __call__(self, *args, **kwargs) -> dict:
-        return self.out
 
 
 def _staging_dir(out: Path, stem: str, writer: bool) -> Path:
