@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from boltz_cp.cli.bench import HeapMeter, heap_in_use
+from boltz_cp.measure import HeapMeter, heap_in_use
 
 REPO = Path(__file__).resolve().parent.parent
 TABLE_HEADER = ("| N | mesh | max act. MiB/rank | 1x1 MiB / P | mem ratio | sum CPU s | 1x1 CPU s | CPU ratio | wall s |\n"

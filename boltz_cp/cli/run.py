@@ -36,6 +36,26 @@ def outputs_to_gather(out: dict, write_embeddings: bool) -> dict:
     return {k: v for k, v in out.items() if k not in NOT_GATHERED and (write_embeddings or k != "z")}
 
 
+def model_settings(cfg) -> dict:
+    """The structure model's inference-time settings from the predict settings, as keyword
+    arguments of `load_boltz2` / `inference_hparams` (boltz_cp/models/checkpoint.py)."""
+    return {
+        "predict_args": {
+            "recycling_steps": cfg.recycling_steps,
+            "sampling_steps": cfg.sampling_steps,
+            "diffusion_samples": cfg.diffusion_samples,
+            "max_parallel_samples": cfg.max_parallel_samples,
+            "write_confidence_summary": True,
+            "write_full_pae": cfg.write_full_pae,
+            "write_full_pde": cfg.write_full_pde,
+        },
+        "diffusion_overrides": {"step_scale": cfg.step_scale},
+        "steering_args": {"fk_steering": cfg.use_potentials, "physical_guidance_update": cfg.use_potentials},
+        "msa_overrides": {"subsample_msa": cfg.subsample_msa, "num_subsampled_msa": cfg.num_subsampled_msa},
+        "use_kernels": False,
+    }
+
+
 def run_model(model, batch: dict, cfg, mesh, device: torch.device, precision: str, log) -> dict | None:
     """One featurized batch through the model of `cfg.model.backend` (`run_cp` or `run_reference`),
     with progress lines from hooks on the model's modules."""

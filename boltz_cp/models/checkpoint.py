@@ -362,6 +362,47 @@ def _merge_overrides(base: Mapping[str, Any] | None, over: Mapping[str, Any] | N
 _REQUIRED_PREDICT_KEYS = ("recycling_steps", "sampling_steps", "diffusion_samples", "max_parallel_samples")
 
 
+def _check_predict_args(predict_args) -> None:
+    if not isinstance(predict_args, Mapping):
+        raise ConfigError("predict_args must be a dict")
+    lacking = [k for k in _REQUIRED_PREDICT_KEYS if k not in predict_args]
+    if lacking:
+        raise ConfigError(f"predict_args lacks {', '.join(lacking)}")
+
+
+def inference_hparams(
+    hparams: Mapping[str, Any],
+    *,
+    predict_args: dict,
+    diffusion_overrides: dict | None = None,
+    steering_args: dict | None = None,
+    msa_overrides: dict | None = None,
+    use_kernels: bool = False,
+    affinity_mw_correction: bool | None = None,
+) -> dict[str, Any]:
+    """A copy of `hparams` with the inference-time knobs set as `load_boltz2` sets them (its
+    docstring lists them); architecture keys are left as they are."""
+    _check_predict_args(predict_args)
+    hp = dict(hparams)
+    steering = _upstream_steering_defaults()
+    hp["predict_args"] = dict(predict_args)
+    hp["steering_args"] = _merge_overrides(steering, steering_args, set(steering), "steering")
+    hp["diffusion_process_args"] = _merge_overrides(
+        hp.get("diffusion_process_args"), diffusion_overrides, _diffusion_override_keys(), "diffusion"
+    )
+    hp["msa_args"] = _merge_overrides(hp.get("msa_args"), msa_overrides, MSA_OVERRIDE_KEYS, "msa")
+    hp["use_kernels"] = bool(use_kernels)
+    hp["ema"] = False
+    if affinity_mw_correction is not None:
+        hp["affinity_mw_correction"] = bool(affinity_mw_correction)
+    return hp
+
+
+def plain_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyper_parameters as plain (deep-copied) containers, safe to edit."""
+    return {k: copy.deepcopy(_plain(v)) for k, v in dict(hparams).items()}
+
+
 def load_boltz2(
     path,
     *,
@@ -398,11 +439,7 @@ def load_boltz2(
     mismatching checkpoint, ConfigError for a bad override.
     """
     path = Path(path).expanduser()
-    if not isinstance(predict_args, Mapping):
-        raise ConfigError("predict_args must be a dict")
-    lacking = [k for k in _REQUIRED_PREDICT_KEYS if k not in predict_args]
-    if lacking:
-        raise ConfigError(f"predict_args lacks {', '.join(lacking)}")
+    _check_predict_args(predict_args)
 
     ckpt = read_checkpoint(path, map_location=map_location)
     hp = dict(ckpt["hyper_parameters"])
@@ -414,18 +451,9 @@ def load_boltz2(
                 f"Boltz-2 checkpoint {path}: hyper_parameters lack {key!r}; not a Boltz-2 checkpoint"
             )
 
-    steering = _upstream_steering_defaults()
-    steering = _merge_overrides(steering, steering_args, set(steering), "steering")
-    hp["predict_args"] = dict(predict_args)
-    hp["steering_args"] = steering
-    hp["diffusion_process_args"] = _merge_overrides(
-        hp.get("diffusion_process_args"), diffusion_overrides, _diffusion_override_keys(), "diffusion"
-    )
-    hp["msa_args"] = _merge_overrides(hp.get("msa_args"), msa_overrides, MSA_OVERRIDE_KEYS, "msa")
-    hp["use_kernels"] = bool(use_kernels)
-    hp["ema"] = False
-    if affinity_mw_correction is not None:
-        hp["affinity_mw_correction"] = bool(affinity_mw_correction)
+    hp = inference_hparams(hp, predict_args=predict_args, diffusion_overrides=diffusion_overrides,
+                           steering_args=steering_args, msa_overrides=msa_overrides, use_kernels=use_kernels,
+                           affinity_mw_correction=affinity_mw_correction)
 
     try:
         if cp:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from boltz_cp.errors import ConfigError
+
 # = dataclasses.asdict(boltz.main.Boltz2DiffusionParams()), what upstream's predict always
 # passes; a test checks the two agree. With these in the checkpoint, loading without overrides
 # samples exactly as upstream's `boltz predict` does.
@@ -353,3 +355,53 @@ FULL_PRESET_NOTES = {
         "diffusion_process_args (upstream predict overrides them with Boltz2DiffusionParams)"
     ),
 }
+
+
+# blocks.<name> -> the hyperparameter paths it sets (upstream's hparams layout).
+BLOCK_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "pairformer": (("pairformer_args", "num_blocks"),),
+    "msa": (("msa_args", "msa_blocks"),),
+    "template": (("template_args", "template_blocks"),),
+    "confidence": (("confidence_model_args", "pairformer_args", "num_blocks"),),
+    "token_transformer": (("score_model_args", "token_transformer_depth"),),
+    "atom_encoder": (("score_model_args", "atom_encoder_depth"), ("embedder_args", "atom_encoder_depth")),
+    "atom_decoder": (("score_model_args", "atom_decoder_depth"),),
+}
+
+
+def _set(hp: dict, path: tuple[str, ...], value: int) -> int | None:
+    node = hp
+    for key in path[:-1]:
+        if node.get(key) is None:
+            return None
+        node = node[key]
+    old = node.get(path[-1])
+    node[path[-1]] = value
+    return old
+
+
+def apply_blocks(hp: dict, blocks: dict, limit_to_existing: bool) -> dict[str, int]:
+    """Set the block counts of `blocks` (name -> K or None) in hp, in place; returns the counts
+    in effect. With `limit_to_existing` a count above the architecture's own is refused (its
+    weights do not exist)."""
+    unknown = sorted(set(blocks) - set(BLOCK_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown blocks.{unknown[0]} (known: {', '.join(BLOCK_KEYS)})")
+    used = {}
+    for name, paths in BLOCK_KEYS.items():
+        value = blocks.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"blocks.{name} must be a positive integer or null, got {value!r}")
+        for path in paths:
+            node = hp
+            for key in path[:-1]:
+                node = node.get(key) or {}
+            own = node.get(path[-1])
+            if value is not None and own is not None:
+                if limit_to_existing and value > own:
+                    raise ConfigError(f"blocks.{name}={value}: the checkpoint has only {own} "
+                                      f"(no weights for more)")
+                _set(hp, path, value)
+            if own is not None and name not in used:
+                used[name] = value if value is not None else own
+    return used
