@@ -15,16 +15,16 @@ import pytest
 import torch
 
 from boltz_cp.data.ccd import ensure_molecules
-from boltz_cp.data.features import (
+from boltz_cp.data.compact import (
     COMPACT_KEYS,
     DENSE_KEYS,
     SET_CHAIN,
     SET_TOKEN,
     dense_rows,
-    featurize_lean,
     index_one_hot,
     pair_feature_tile,
 )
+from boltz_cp.data.features import featurize_lean
 from boltz_cp.data.inputs import ProcessedDirs, featurize, parse_target, prepare_tokenized, write_processed
 from boltz_cp.data.synthetic import synthetic_proteins_yaml
 from boltz_cp.errors import InputError
@@ -208,7 +208,7 @@ def _lean_only(tmp_path: Path, mol_dir: Path, n: int):
 
     def run():
         torch.manual_seed(0)
-        return features._lean_features(data, molecules, np.random.default_rng(42), pocket, contact, None)
+        return features.lean_features(data, molecules, np.random.default_rng(42), pocket, contact, None)
 
     return data, run
 

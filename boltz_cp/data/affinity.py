@@ -13,7 +13,6 @@ compact features (`lean=True`, what the CP backend reads).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,9 +21,8 @@ import torch
 
 from boltz_cp.errors import InputError
 
-# Upstream's affinity pass: PredictionDataset(affinity=True) crops and featurizes with these.
-AFFINITY_MAX_TOKENS = 256
-AFFINITY_MAX_ATOMS = 2048
+# Upstream's affinity pass: PredictionDataset(affinity=True) featurizes with this method (the
+# crop's sizes are inputs.py's AFFINITY_MAX_TOKENS / AFFINITY_MAX_ATOMS).
 AFFINITY_METHOD = "other"
 
 
@@ -36,46 +34,15 @@ def pre_affinity_name(record_id: str) -> str:
 def affinity_binder(path: Path) -> str | None:
     """The chain named by `properties: - affinity: {binder: ...}` of a YAML input, else None
     (FASTA inputs cannot ask for it). Cheap: reads the file only."""
-    from boltz_cp.data.inputs import SUFFIXES_YAML, _load_yaml
+    from boltz_cp.data.inputs import SUFFIXES_YAML, load_yaml
 
     if path.suffix.lower() not in SUFFIXES_YAML:
         return None
-    for prop in _load_yaml(path).get("properties", None) or []:
+    for prop in load_yaml(path).get("properties", None) or []:
         if isinstance(prop, dict) and "affinity" in prop:
             body = prop["affinity"]
             return str(body.get("binder")) if isinstance(body, dict) else None
     return None
-
-
-@contextmanager
-def molecular_weight_shim():
-    """Within the block, `rdkit.Chem.AllChem.Descriptors` exists.
-
-    Upstream's schema parser computes the affinity binder's molecular weight as
-    `AllChem.Descriptors.MolWt(...)`; recent RDKit (2026.09 here) no longer exposes the
-    Descriptors module through AllChem, so every affinity input fails to parse with an
-    AttributeError. The attribute is lent for the duration of the parse only.
-    """
-    from rdkit.Chem import AllChem, Descriptors
-
-    lent = not hasattr(AllChem, "Descriptors")
-    if lent:
-        AllChem.Descriptors = Descriptors
-    try:
-        yield
-    finally:
-        if lent:
-            del AllChem.Descriptors
-
-
-def crop_for_affinity(tokenized, record_id: str):
-    """Upstream's AffinityCropper on a tokenized predicted structure; InputError if it fails."""
-    from boltz.data.crop.affinity import AffinityCropper
-
-    try:
-        return AffinityCropper().crop(tokenized, max_tokens=AFFINITY_MAX_TOKENS, max_atoms=AFFINITY_MAX_ATOMS)
-    except Exception as e:  # noqa: BLE001 -- upstream raises bare ValueError / IndexError
-        raise InputError(f"cannot crop {record_id} around its affinity binder: {type(e).__name__}: {e}") from None
 
 
 def featurize_affinity(record, dirs, predictions_dir: Path, mol_dir: Path, seed: int, lean: bool = False) -> dict:
@@ -91,7 +58,7 @@ def featurize_affinity(record, dirs, predictions_dir: Path, mol_dir: Path, seed:
     from boltz.data.feature.featurizerv2 import process_msa_features
     from boltz.data.module.inferencev2 import collate
 
-    from boltz_cp.data.features import _batch_of_one, _lean_features
+    from boltz_cp.data.features import batch_of_one, lean_features
     from boltz_cp.data.inputs import prepare_tokenized, upstream_features
 
     if record.affinity is None:
@@ -103,7 +70,7 @@ def featurize_affinity(record, dirs, predictions_dir: Path, mol_dir: Path, seed:
     try:
         if lean:
             # compute_affinity: no templates; the query row alone for the profile (no RNG draw).
-            features = _lean_features(replace(data, templates=None), molecules, random, pocket, contact,
+            features = lean_features(replace(data, templates=None), molecules, random, pocket, contact,
                                       AFFINITY_METHOD)
             features.update(process_msa_features(data=data, random=random, max_seqs_batch=1, max_seqs=1,
                                                  affinity=True))
@@ -113,4 +80,4 @@ def featurize_affinity(record, dirs, predictions_dir: Path, mol_dir: Path, seed:
     except Exception as e:  # noqa: BLE001 -- upstream raises bare ValueError/AssertionError/KeyError
         raise InputError(f"cannot featurize {record.id} for affinity: {type(e).__name__}: {e}") from None
     features["record"] = record
-    return _batch_of_one(features) if lean else collate([features])
+    return batch_of_one(features) if lean else collate([features])

@@ -46,7 +46,7 @@ def collect_inputs(path: Path) -> list[Path]:
     return files
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
+def load_yaml(path: Path) -> dict[str, Any]:
     try:
         with path.open() as f:
             data = yaml.safe_load(f)
@@ -123,7 +123,7 @@ def required_ccd_codes(path: Path) -> set[str]:
     codes: set[str] = set()
     if path.suffix.lower() in SUFFIXES_FASTA:
         return {seq for _, etype, seq in _load_fasta(path) if etype == "ccd"}
-    data = _load_yaml(path)
+    data = load_yaml(path)
     for item in data["sequences"]:
         (etype, body), = item.items()
         if etype == "ligand" and "ccd" in body:
@@ -238,13 +238,32 @@ def seeded_conformers(seed: int):
         schema.compute_3d_conformer = original
 
 
+@contextmanager
+def molecular_weight_shim():
+    """Within the block, `rdkit.Chem.AllChem.Descriptors` exists.
+
+    Upstream's schema parser computes the affinity binder's molecular weight as
+    `AllChem.Descriptors.MolWt(...)`; recent RDKit (2026.09 here) no longer exposes the
+    Descriptors module through AllChem, so every affinity input fails to parse with an
+    AttributeError. The attribute is lent for the duration of the parse only.
+    """
+    from rdkit.Chem import AllChem, Descriptors
+
+    lent = not hasattr(AllChem, "Descriptors")
+    if lent:
+        AllChem.Descriptors = Descriptors
+    try:
+        yield
+    finally:
+        if lent:
+            del AllChem.Descriptors
+
+
 def parse_target(path: Path, mol_dir: Path, seed: int = 0):
     """Parse one input with boltz's own parsers (molecules must already be in `mol_dir`)."""
     from boltz.data.mol import load_canonicals
     from boltz.data.parse.fasta import parse_fasta
     from boltz.data.parse.schema import parse_boltz_schema
-
-    from boltz_cp.data.affinity import molecular_weight_shim
 
     canonicals = load_canonicals(mol_dir)
     with seeded_conformers(seed), molecular_weight_shim():
@@ -256,7 +275,7 @@ def _parse(path, mol_dir, canonicals, parse_fasta, parse_boltz_schema):
         if path.suffix.lower() in SUFFIXES_FASTA:
             _load_fasta(path)
             return parse_fasta(path, canonicals, mol_dir, True)
-        data = _load_yaml(path)
+        data = load_yaml(path)
         for item in data["sequences"]:
             (_, body), = item.items()
             if isinstance(body.get("msa"), str) and body["msa"] != "empty":
@@ -353,8 +372,6 @@ def prepare_tokenized(record, dirs: ProcessedDirs, mol_dir: Path, method: str | 
     except Exception as e:  # noqa: BLE001
         raise InputError(f"cannot tokenize {record.id}: {type(e).__name__}: {e}") from None
     if affinity_dir is not None:
-        from boltz_cp.data.affinity import crop_for_affinity
-
         tokenized = crop_for_affinity(tokenized, record.id)
     molecules = dict(load_canonicals(mol_dir))
     molecules.update(data.extra_mols)
@@ -367,6 +384,21 @@ def prepare_tokenized(record, dirs: ProcessedDirs, mol_dir: Path, method: str | 
     pocket = options.pocket_constraints if options is not None else None
     contact = options.contact_constraints if options is not None else None
     return tokenized, molecules, pocket, contact
+
+
+# Upstream's affinity pass: PredictionDataset(affinity=True) crops with these.
+AFFINITY_MAX_TOKENS = 256
+AFFINITY_MAX_ATOMS = 2048
+
+
+def crop_for_affinity(tokenized, record_id: str):
+    """Upstream's AffinityCropper on a tokenized predicted structure; InputError if it fails."""
+    from boltz.data.crop.affinity import AffinityCropper
+
+    try:
+        return AffinityCropper().crop(tokenized, max_tokens=AFFINITY_MAX_TOKENS, max_atoms=AFFINITY_MAX_ATOMS)
+    except Exception as e:  # noqa: BLE001 -- upstream raises bare ValueError / IndexError
+        raise InputError(f"cannot crop {record_id} around its affinity binder: {type(e).__name__}: {e}") from None
 
 
 def featurize(record, dirs: ProcessedDirs, mol_dir: Path, seed: int, method: str | None = None) -> dict:

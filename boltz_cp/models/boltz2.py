@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from boltz.model.modules.trunkv2 import BFactorModule
 from boltz_cp.distributed import TokenLayout, pair_from_tile, single_from_local
-from boltz_cp.data.features import sparse_index_map
+from boltz_cp.data.compact import sparse_index_map
 from boltz_cp.models.trunk import TRUNK_MODULES, Boltz2Trunk, TrunkInputs
 from boltz_cp.modules.atom_diffusion import AtomDiffusion
 from boltz_cp.modules.confidence import ConfidenceInputs, ConfidenceModule

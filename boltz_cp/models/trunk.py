@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from boltz.data import const
-from boltz_cp.data.features import pair_feature_tiles
+from boltz_cp.data.compact import pair_feature_tiles
 from boltz_cp.distributed import TokenLayout, pair_from_tile, single_from_local
 from boltz_cp.layers._dtensor import like
 from boltz_cp.layers.pairformer import PairformerModule

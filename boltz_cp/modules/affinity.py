@@ -59,7 +59,7 @@ class AffinityInputs:
     @classmethod
     def cut(cls, feats: Mapping[str, Tensor], layout: TokenLayout) -> "AffinityInputs":
         """From a featurized affinity batch (`featurize_affinity`, lean or dense)."""
-        from boltz_cp.data.features import dense_rows
+        from boltz_cp.data.compact import dense_rows
 
         missing = [k for k in (*HEAD_FEATURES, "affinity_mw") if k not in feats]
         if missing:  # checked on every rank, so that no rank alone stops before the collectives

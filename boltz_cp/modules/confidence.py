@@ -55,7 +55,7 @@ from boltz_cp.distributed.comm import column_block
 from boltz_cp.distributed.tiles import contiguous_stride
 from boltz_cp.errors import ConfigError
 from boltz_cp.layers.pairformer import PairformerModule
-from boltz_cp.data.features import pair_feature_tiles
+from boltz_cp.data.compact import pair_feature_tiles
 from boltz_cp.modules.encodersv2 import RelativePositionEncoder, token_blocks
 from boltz_cp.modules.trunkv2 import ContactConditioning
 

@@ -27,7 +27,7 @@ SINGLE_OUTPUTS = ("plddt", "plddt_logits", "resolved_logits")
 
 def edited_features() -> dict[str, torch.Tensor]:
     """The trunk case's features with a one-token chain and a masked token (see above)."""
-    from boltz_cp.data.features import pair_feature_tile
+    from boltz_cp.data.compact import pair_feature_tile
 
     feats = dict(featurized_input())
     asym = feats["asym_id"].clone()
@@ -91,7 +91,7 @@ class ConfidenceCase:
         return flatten(out)
 
     def cp(self, module, x, layout):
-        from boltz_cp.data.features import DENSE_KEYS
+        from boltz_cp.data.compact import DENSE_KEYS
         from boltz_cp.modules.confidence import ConfidenceInputs
 
         lean = {k: v for k, v in x.items() if k not in DENSE_KEYS}  # no N x N feature reaches CP

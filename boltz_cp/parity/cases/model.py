@@ -68,7 +68,7 @@ class ModelCase:
         return _select(out)
 
     def cp(self, module, x, layout):
-        from boltz_cp.data.features import DENSE_KEYS
+        from boltz_cp.data.compact import DENSE_KEYS
         from boltz_cp.models.boltz2 import ModelInputs, gather_outputs
 
         lean = {k: v for k, v in x.items() if k not in DENSE_KEYS}

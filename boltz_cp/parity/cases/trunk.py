@@ -122,7 +122,8 @@ def _cache_path(name: str) -> Path:
 def _featurize_to(out: str, forced: bool = False) -> None:
     """Featurize the case's input (upstream's featurizer plus featurize_lean's compact keys) into out."""
     from boltz_cp.data.ccd import ensure_molecules
-    from boltz_cp.data.features import COMPACT_KEYS, featurize_lean
+    from boltz_cp.data.compact import COMPACT_KEYS
+    from boltz_cp.data.features import featurize_lean
     from boltz_cp.data.inputs import ProcessedDirs, featurize, parse_target, write_processed
 
     with tempfile.TemporaryDirectory(prefix="boltz_cp_trunk_case_") as tmp:
@@ -189,7 +190,7 @@ class TrunkCase:
         return {"s": out["s"], "z": out["z"], "pdistogram": out["pdistogram"], "s_inputs": s_inputs}
 
     def cp(self, module, x, layout):
-        from boltz_cp.data.features import DENSE_KEYS
+        from boltz_cp.data.compact import DENSE_KEYS
         from boltz_cp.models.trunk import TrunkInputs
 
         lean = {k: v for k, v in x.items() if k not in DENSE_KEYS}  # no N x N feature reaches CP
