@@ -188,6 +188,20 @@ def test_parse_mesh():
             parse_mesh(bad)
 
 
+def test_ring_names_are_checked():
+    """A ring name other than "i" / "j" is an error wherever a ring is chosen, not ring_i."""
+    from boltz_cp.distributed import Ring, as_ring
+    from boltz_cp.distributed.mesh import Grid
+
+    assert as_ring("j") is Ring.RING_J and as_ring(Ring.RING_I) is Ring.RING_I and Ring.RING_J == "j"
+    grid = Grid(rows=2, cols=3, coord=(1, 2), base=0, mesh_cols=3, transposed=False, ring_j="row", ring_i="col",
+                group=None)
+    assert (grid.ring("j"), grid.ring("i"), grid.ring_size("j"), grid.ring_size("i")) == ("row", "col", 3, 2)
+    for call in (lambda: as_ring("k"), lambda: grid.ring("J"), lambda: grid.ring_size("row")):
+        with pytest.raises(ValueError, match="ring must be 'i' or 'j'"):
+            call()
+
+
 # -- runtime ---------------------------------------------------------------------------------
 
 @pytest.fixture

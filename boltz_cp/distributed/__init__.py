@@ -14,7 +14,7 @@ from boltz_cp.distributed.comm import (
     transpose_exchange,
 )
 from boltz_cp.distributed.layout import TokenLayout
-from boltz_cp.distributed.mesh import MESH_DIM_NAMES, CPMesh, check_mesh_size, convert_rank, parse_mesh
+from boltz_cp.distributed.mesh import MESH_DIM_NAMES, CPMesh, Ring, as_ring, check_mesh_size, convert_rank, parse_mesh
 from boltz_cp.distributed.runtime import (
     DistContext,
     any_rank_failed,
@@ -42,6 +42,6 @@ __all__ = [
     "CPMesh", "DistContext", "MESH_DIM_NAMES", "MSA", "PAIR", "Pending", "SINGLE_BY_I", "SINGLE_FULL",
     "any_rank_failed", "check_mesh_size", "column_block", "check_placements", "comm_counters", "convert_rank", "gather_pair",
     "gather_single", "init_distributed", "pad_tokens", "padded_size", "pair_from_tile",
-    "parse_mesh", "reset_comm_counters", "ring_shift", "shard_pair", "shard_single",
+    "parse_mesh", "reset_comm_counters", "Ring", "as_ring", "ring_shift", "shard_pair", "shard_single",
     "shutdown_distributed", "single_from_local", "skew", "tile_bounds", "transpose_exchange", "TokenLayout",
 ]

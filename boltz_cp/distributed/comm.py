@@ -42,7 +42,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-from boltz_cp.distributed.mesh import CPMesh
+from boltz_cp.distributed.mesh import CPMesh, Ring, as_ring
 
 _COUNTERS: Counter = Counter()
 
@@ -112,8 +112,9 @@ def ring_shift(x: torch.Tensor, mesh: CPMesh, ring: str = "j", shift: int = 1,
     holds the tile of position q - shift (mod ring size). All ranks on the ring must call it
     with the same shift; ``shift`` may be any integer, and may differ between rings.
     """
+    ring = as_ring(ring)
     group = mesh.ring(ring)
-    n = mesh.cols if ring == "j" else mesh.rows
+    n = mesh.cols if ring == Ring.RING_J else mesh.rows
     if shift % n == 0:
         return _local(x)
     dst, src = mesh.ring_neighbors(ring, shift)
@@ -250,9 +251,8 @@ def skew(x: torch.Tensor, mesh: CPMesh, ring: str = "j", *, inverse: bool = Fals
     ring "i": column c shifts up by c on ring_i -> (r, c) holds block (r+c, c).
     ``inverse=True`` applies the opposite shift (undoing the skew).
     """
-    if ring not in ("i", "j"):
-        raise ValueError(f"ring must be 'i' or 'j', got {ring!r}")
+    ring = as_ring(ring)
     r, c = mesh.coord
-    amount = r if ring == "j" else c
+    amount = r if ring == Ring.RING_J else c
     shift = amount if inverse else -amount
     return ring_shift(x, mesh, ring, shift, tag=tag, _kind="skew")

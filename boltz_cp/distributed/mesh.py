@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,23 @@ from boltz_cp.errors import ConfigError
 
 MESH_DIM_NAMES = ("cp_i", "cp_j")
 DP_DIM_NAME = "dp"
+
+
+class Ring(str, Enum):
+    """A ring of the mesh, by the axis it runs over: RING_J = my tile row, RING_I = my tile column.
+    A str, so "i" / "j" compare equal to it; `as_ring` turns any other name into an error."""
+
+    RING_I = "i"
+    RING_J = "j"
+
+
+def as_ring(ring: str | Ring) -> Ring:
+    """The `Ring` named by ``ring``; ValueError for anything but "i" / "j" (a typo must not
+    silently mean ring_i)."""
+    try:
+        return Ring(ring)
+    except ValueError:
+        raise ValueError(f"ring must be 'i' or 'j', got {ring!r}") from None
 
 
 def auto_mesh(ranks: int) -> tuple[int, int]:
@@ -116,10 +134,10 @@ class Grid:
         return self.base + r * self.mesh_cols + c
 
     def ring(self, ring: str) -> dist.ProcessGroup:
-        return self.ring_j if ring == "j" else self.ring_i
+        return self.ring_j if as_ring(ring) == Ring.RING_J else self.ring_i
 
     def ring_size(self, ring: str) -> int:
-        return self.cols if ring == "j" else self.rows
+        return self.cols if as_ring(ring) == Ring.RING_J else self.rows
 
 
 class CPMesh:
@@ -257,24 +275,18 @@ class CPMesh:
     # -- rings ---------------------------------------------------------------------------
     def ring(self, ring: str) -> dist.ProcessGroup:
         """"j" -> ring_j (my tile row), "i" -> ring_i (my tile column)."""
-        if ring == "j":
-            return self.ring_j
-        if ring == "i":
-            return self.ring_i
-        raise ValueError(f"ring must be 'i' or 'j', got {ring!r}")
+        return self.ring_j if as_ring(ring) == Ring.RING_J else self.ring_i
 
     def ring_members(self, ring: str) -> list[int]:
         """Global ranks of a ring in ring order (position p = group rank p)."""
         r, c = self.coord
-        if ring == "j":
+        if as_ring(ring) == Ring.RING_J:
             return [self.rank_of(r, k) for k in range(self.cols)]
-        if ring == "i":
-            return [self.rank_of(k, c) for k in range(self.rows)]
-        raise ValueError(f"ring must be 'i' or 'j', got {ring!r}")
+        return [self.rank_of(k, c) for k in range(self.rows)]
 
     def ring_position(self, ring: str) -> int:
         """My position (= group rank) on a ring: c on ring_j, r on ring_i."""
-        return self.coord[1] if ring == "j" else self.coord[0]
+        return self.coord[1] if as_ring(ring) == Ring.RING_J else self.coord[0]
 
     def ring_neighbors(self, ring: str, shift: int) -> tuple[int, int]:
         """(dst, src) global ranks for a shift by ``shift`` positions along ``ring``.

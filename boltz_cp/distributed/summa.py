@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from boltz_cp.distributed import comm
-from boltz_cp.distributed.mesh import Grid
+from boltz_cp.distributed.mesh import Grid, as_ring
 
 
 def segments(k: int, parts_x: int, parts_y: int) -> list[tuple[int, int, int, int]]:
@@ -37,6 +37,7 @@ class _Blocks:
 
     def __init__(self, x: torch.Tensor, grid: Grid, ring: str, tag: int):
         self.x = x.contiguous()
+        ring = as_ring(ring)
         self.ring, self.group, self.size = ring, grid.ring(ring), grid.ring_size(ring)
         a, b = grid.coord
         self.me = b if ring == "j" else a

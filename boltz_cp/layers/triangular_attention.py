@@ -55,7 +55,9 @@ from boltz_cp.distributed import summa
 from boltz_cp.distributed import (
     PAIR,
     Pending,
+    Ring,
     TokenLayout,
+    as_ring,
     check_placements,
     ring_shift,
     skew,
@@ -197,7 +199,7 @@ def _skew(x: torch.Tensor, mesh, ring: str) -> Pending:
     """Cannon skew of x along ``ring`` (see `boltz_cp.distributed.comm.skew`); no copy when
     my shift is zero."""
     r, c = mesh.coord
-    if (r if ring == "j" else c) % mesh.rows == 0:
+    if (r if as_ring(ring) == Ring.RING_J else c) % mesh.rows == 0:
         return _ready(x)
     return skew(x, mesh, ring)
 

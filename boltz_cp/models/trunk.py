@@ -15,7 +15,7 @@ Outputs of `Boltz2Trunk.forward`: s [B, N, C_s] SINGLE_BY_I, z [B, N, N, C_z] PA
 [B, N, N, C_z] PAIR (for the diffusion conditioning) (N padded to layout.n_padded).
 Communication per forward: the input embedder's halo exchanges and token reduction; 1 transpose
 (outer sum); per recycle: the template module's, MSA module's and pairformer's rings; 1 transpose
-(distogram). Square meshes only.
+(distogram). Any R x C mesh (square ones run Cannon's schedules, others SUMMA's).
 Upstream twin: boltz/model/models/boltz2.py Boltz2.forward, up to `pdistogram` (the trunk).
 
 Control flow is identical on every rank (the recycle count is an argument, never data-dependent).

@@ -3,7 +3,7 @@
 Placements (mesh axes cp_i, cp_j): z [B, N, N, C_z] PAIR in/out; m [B, S, N, C_m] MSA in/out
 (S on cp_i, N on cp_j: rank (r, c) holds m[S_r, N_c]); token_mask [B, N, N] PAIR (the pair
 token mask, as upstream's MSAModule builds it); msa_mask [B, S, N] MSA. S and N are padded to
-multiples of ``mesh.token_multiple`` (pad rows and tokens have mask 0). Square meshes only.
+multiples of ``mesh.token_multiple`` (pad rows and tokens have mask 0). Any R x C mesh.
 MSAModule takes the MSA features as *column blocks*: every MSA row, my columns J_c only
 ([B, S_all, N/p], cut by `msa_column_blocks`), so that it can subsample rows exactly as
 upstream does and keep the rows S_r of the subsample without communication; s_inputs
