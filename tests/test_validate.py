@@ -38,6 +38,8 @@ BAD = {
                            ["protein chain P", "residue 3 is 't'"]),
     "dna_digit.yaml": ("version: 1\nsequences:\n  - dna: {id: D, sequence: AC1GT}\n", ["dna chain D", "residue 3 is '1'"]),
     "dna_letter.yaml": ("version: 1\nsequences:\n  - dna: {id: D, sequence: ACGU}\n", ["dna chain D", "residue 4 is 'U'"]),
+    "dna_lower.yaml": ("version: 1\nsequences:\n  - dna: {id: D, sequence: ACGt}\n", ["dna chain D", "residue 4 is 't'"]),
+    "rna_letter.yaml": ("version: 1\nsequences:\n  - rna: {id: R, sequence: ACGT}\n", ["rna chain R", "residue 4 is 'T'"]),
     "rna_digit.yaml": ("version: 1\nsequences:\n  - rna: {id: R, sequence: 7ACGU}\n", ["rna chain R", "residue 1 is '7'"]),
     "rna_lower.yaml": ("version: 1\nsequences:\n  - rna: {id: R, sequence: ACgU}\n", ["rna chain R", "residue 3 is 'g'"]),
     "msa_query.yaml": (f"version: 1\nsequences:\n  - protein: {{id: A, sequence: {OTHER}, msa: {{a3m}}}}\n",
@@ -69,6 +71,45 @@ def test_bad_input_named(name, tmp_path):
     assert "\n" not in message and name in message
     for fragment in _fragments(name):
         assert fragment in message, message
+
+
+@pytest.mark.parametrize("text", [
+    # upstream's own unknown residues (X, and B J O U Z, which its tokenizer also reads as UNK; N)
+    "  - protein: {id: A, sequence: MXBJOUZ, msa: empty}\n  - dna: {id: B, sequence: ACGTN}\n"
+    "  - rna: {id: C, sequence: ACGUN}\n",
+    # a declared modification may sit on any letter
+    "  - protein: {id: A, sequence: M1K, msa: empty, modifications: [{position: 2, ccd: SEP}]}\n",
+    # the featurizer's rule: differences only where the chain has an unknown residue
+    "  - protein: {id: A, sequence: MKTAXIAKQXQ, msa: ../query.a3m}\n",
+], ids=["unknowns", "modified", "msa_unknowns"])
+def test_accepted(text, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "query.a3m").write_text(SMALL_A3M)
+    path = tmp_path / "in" / "case.yaml"
+    path.write_text("version: 1\nsequences:\n" + text)
+    required_ccd_codes(path)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("  - protein: {id: A, sequence: MKT, msa: empty, modifications: [{position: 0, ccd: SEP}]}\n",
+     "position 0 is not a residue of the chain (1..3)"),
+    ("  - protein: {id: A, sequence: MKT, msa: empty, modifications: [{position: 1, cdd: SEP}]}\n",
+     "unknown key 'cdd' in {path} at sequences[0].protein (id A).modifications[0] (did you mean 'ccd'?)"),
+    ("  - protein: {id: A, sequence: MKTAYIAKQRQA, msa: ../query.a3m}\n",
+     "position 12 (lengths: chain 12, MSA query 11)"),
+    ("  - ligand: {id: L, ccd: ATP}\nproperties:\n  - afinity: {binder: L}\n",
+     "unknown key 'afinity' in {path} at properties[0] (did you mean 'affinity'?)"),
+    ("  - protein: {id: A, sequence: MKT, msa: empty}\ntemplates:\n  - cif: a.cif\n    chain: A\n",
+     "unknown key 'chain' in {path} at templates[0]"),
+], ids=["mod_position", "mod_key", "msa_length", "property_key", "template_key"])
+def test_rejected(text, fragment, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "query.a3m").write_text(SMALL_A3M)
+    path = tmp_path / "in" / "case.yaml"
+    path.write_text("version: 1\nsequences:\n" + text)
+    with pytest.raises(InputError) as err:
+        required_ccd_codes(path)
+    assert fragment.format(path=path) in str(err.value), str(err.value)
 
 
 # Small equivalents of upstream Boltz's example inputs (examples/ of its repository), valid.
