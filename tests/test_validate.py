@@ -28,9 +28,9 @@ BAD = {
                      ["unknown key 'sequence'", "the top level", "did you mean 'sequences'"]),
     "entity_key.yaml": ("version: 1\nsequences:\n  - protein: {id: A, sequense: MK, msa: empty}\n",
                         ["unknown key 'sequense'", "sequences[0].protein (id A)", "did you mean 'sequence'"]),
-    "constraint_key.yaml": ("version: 1\nsequences:\n  - protein: {id: A, sequence: MK, msa: empty}\n"
-                            "  - ligand: {id: B, ccd: ATP}\n"
-                            "constraints:\n  - pocket: {binder: B, contacs: [[A, 1]]}\n",
+    "constraint_key.yaml": (("version: 1\nsequences:\n  - protein: {id: A, sequence: MK, msa: empty}\n"
+                             "  - ligand: {id: B, ccd: ATP}\n"
+                             "constraints:\n  - pocket: {binder: B, contacs: [[A, 1]]}\n"),
                             ["unknown key 'contacs'", "constraints[0].pocket", "did you mean 'contacts'"]),
     "protein_digit.yaml": ("version: 1\nsequences:\n  - protein: {id: A, sequence: MKT4A, msa: empty}\n",
                            ["protein chain A", "residue 4 is '4'"]),
@@ -75,8 +75,8 @@ def test_bad_input_named(name, tmp_path):
 
 @pytest.mark.parametrize("text", [
     # upstream's own unknown residues (X, and B J O U Z, which its tokenizer also reads as UNK; N)
-    "  - protein: {id: A, sequence: MXBJOUZ, msa: empty}\n  - dna: {id: B, sequence: ACGTN}\n"
-    "  - rna: {id: C, sequence: ACGUN}\n",
+    ("  - protein: {id: A, sequence: MXBJOUZ, msa: empty}\n  - dna: {id: B, sequence: ACGTN}\n"
+     "  - rna: {id: C, sequence: ACGUN}\n"),
     # a declared modification may sit on any letter
     "  - protein: {id: A, sequence: M1K, msa: empty, modifications: [{position: 2, ccd: SEP}]}\n",
     # the featurizer's rule: differences only where the chain has an unknown residue
@@ -164,7 +164,7 @@ def test_upstream_stdout_once_and_prefixed(capsys):
     for show in (True, False):
         with log.upstream_stdout(show):
             click.echo("Found explicit empty MSA for some proteins,", nl=False)
-            print("", end=" ")
+            print(end=" ")
             print("will run these in single sequence mode.")
             print("trailing without newline", end="")
     out, err = capsys.readouterr()

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import csv
 import difflib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from boltz_cp.errors import InputError
 
