@@ -97,14 +97,18 @@ def test_accepted(text, tmp_path):
      "unknown key 'cdd' in {path} at sequences[0].protein (id A).modifications[0] (did you mean 'ccd'?)"),
     ("  - protein: {id: A, sequence: MKTAYIAKQRQA, msa: ../query.a3m}\n",
      "position 12 (lengths: chain 12, MSA query 11)"),
+    ("  - protein: {id: A, sequence: MKTAYIAKQRQ, msa: ../query.csv}\n",
+     ("query.csv does not belong to protein chain A in {path}: its first (query) row differs from the chain's "
+      "sequence at position 3 (chain 'T', MSA 'S')")),
     ("  - ligand: {id: L, ccd: ATP}\nproperties:\n  - afinity: {binder: L}\n",
      "unknown key 'afinity' in {path} at properties[0] (did you mean 'affinity'?)"),
     ("  - protein: {id: A, sequence: MKT, msa: empty}\ntemplates:\n  - cif: a.cif\n    chain: A\n",
      "unknown key 'chain' in {path} at templates[0]"),
-], ids=["mod_position", "mod_key", "msa_length", "property_key", "template_key"])
+], ids=["mod_position", "mod_key", "msa_length", "csv_query", "property_key", "template_key"])
 def test_rejected(text, fragment, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "query.a3m").write_text(SMALL_A3M)
+    (tmp_path / "query.csv").write_text("key,sequence\n-1,MKSAYIAKQRQ\n1,MKTAYIAKQRQ\n")
     path = tmp_path / "in" / "case.yaml"
     path.write_text("version: 1\nsequences:\n" + text)
     with pytest.raises(InputError) as err:

@@ -155,8 +155,11 @@ def _query_row(msa: Path) -> str | None:
     when the file has none (upstream's parser then reports it)."""
     if msa.suffix == ".csv":
         with msa.open(newline="") as f:
-            row = next(csv.DictReader(f), None)
-        return None if row is None or row.get("sequence") is None else row["sequence"]
+            for row in csv.DictReader(f):
+                line = (row.get("sequence") or "").strip()
+                if line:
+                    return line
+        return None
     with msa.open() as f:
         for line in f:
             line = line.strip()
