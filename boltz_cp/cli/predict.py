@@ -166,7 +166,7 @@ def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
     for i in mine:
         faults.set_input(files[i].name)
         try:
-            ensure_molecules(mol_dir, required_ccd_codes(files[i]))
+            ensure_molecules(mol_dir, required_ccd_codes(files[i]), log=log)
             todo.append(i)
         except InputError as e:
             fail(i, e)
@@ -175,12 +175,13 @@ def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
         model, affinity_model, precision = _load_models(cfg, [files[i] for i in todo], cache, ckpt, ctx.device,
                                                         precision, log, writer_rank)
     if mesh.rank == 0 and pending:
-        _prepare_results(cfg, out)
+        _prepare_results(cfg, out, precision, ctx.device)
     for i in todo:
         faults.set_input(files[i].name)
         try:
-            _predict_one(cfg, model, files[i], out, mol_dir, ctx.device, precision, log, writer_rank, mesh,
-                         affinity_model)
+            with log.upstream_stdout(writer_rank):
+                _predict_one(cfg, model, files[i], out, mol_dir, ctx.device, precision, log, writer_rank, mesh,
+                             affinity_model)
         except InputError as e:
             fail(i, e)
         except BoltzCPError as e:
@@ -253,11 +254,13 @@ def _load_models(cfg, todo: list[Path], cache: Path, ckpt: Path, device, precisi
     return model, affinity_model, precision
 
 
-def _prepare_results(cfg, out: Path) -> None:
-    """Global rank 0, once: the results folder, stale staging removed, the resolved config."""
+def _prepare_results(cfg, out: Path, precision: str, device: torch.device) -> None:
+    """Global rank 0, once: the results folder, stale staging removed, the resolved config (with
+    the precision and device used, not `auto`)."""
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out)
-    _atomic_write_text(out / "boltz_cp_config.yaml", OmegaConf.to_yaml(cfg))
+    used = OmegaConf.merge(cfg, {"precision": precision, "device": device.type})
+    _atomic_write_text(out / "boltz_cp_config.yaml", OmegaConf.to_yaml(used))
 
 
 def _finish(failures: list[tuple[int, str]], files: list[Path], log, out: Path) -> None:

@@ -55,7 +55,7 @@ import os
 import pickle
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -383,12 +383,13 @@ def _write_new(path: Path, mol: Chem.Mol) -> bool:
             os.unlink(tmp)
 
 
-def ensure_molecules(mol_dir: Path, codes: Iterable[str] = ()) -> list[str]:
+def ensure_molecules(mol_dir: Path, codes: Iterable[str] = (), log: Callable[[str], None] | None = None) -> list[str]:
     """Make sure ``<mol_dir>/<CODE>.pkl`` exists for every canonical residue and every code given.
 
     Only missing pickles are built (an existing one is never overwritten) and each is written
     atomically, so concurrent callers and crashes are safe. Returns the codes built by this call.
-    Raises `InputError` for a code not in the CCD or a molecule RDKit cannot sanitize.
+    Raises `InputError` for a code not in the CCD or a molecule RDKit cannot sanitize. `log`
+    hears one line before a build (the first run builds every canonical residue, ~15 s).
     """
     mol_dir = Path(mol_dir)
     wanted = list(dict.fromkeys([*canonical_codes(), *(str(c) for c in codes)]))
@@ -399,6 +400,12 @@ def ensure_molecules(mol_dir: Path, codes: Iterable[str] = ()) -> list[str]:
         _component(code)
     if not missing:
         return []
+    if log is not None:
+        canonical = set(canonical_codes())
+        first = sum(c in canonical for c in missing)
+        what = [f"{first} canonical residues (first run with this cache)"] if first else []
+        what += [c for c in missing if c not in canonical]
+        log(f"building residue library in {mol_dir}: {', '.join(what)}")
     mol_dir.mkdir(parents=True, exist_ok=True)
     built = []
     for code in missing:

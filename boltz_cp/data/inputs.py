@@ -20,6 +20,7 @@ import yaml
 from Bio import SeqIO
 from rdkit import Chem
 
+from boltz_cp.data.validate import check_entities, check_fasta_record, check_schema
 from boltz_cp.errors import InputError
 
 SUFFIXES_FASTA = (".fa", ".fas", ".fasta")
@@ -54,6 +55,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
         raise InputError(f"malformed YAML in {path}: {e}") from None
     except UnicodeDecodeError:
         raise InputError(f"malformed YAML in {path}: not a text file") from None
+    if isinstance(data, dict):
+        check_schema(data, path)
     if not isinstance(data, dict) or not isinstance(data.get("sequences"), list) or not data["sequences"]:
         raise InputError(f"malformed input {path}: expected a mapping with a non-empty 'sequences' list")
     for i, item in enumerate(data["sequences"]):
@@ -76,6 +79,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
                 raise InputError(f"ligand {body['id']} in {path} has an empty CCD code")
         elif not isinstance(body.get("sequence"), str) or not body["sequence"].strip():
             raise InputError(f"{etype} chain {body['id']} in {path} has an empty sequence")
+    check_entities(data, path, resolve_path)
     return data
 
 
@@ -112,6 +116,7 @@ def _load_fasta(path: Path) -> list[tuple[str, str, str]]:
                 raise InputError(f"chain {chain} in {path} has an empty sequence")
             if etype == "smiles":
                 _check_smiles(path, chain, seq)
+            check_fasta_record(path, chain, etype, seq, header[2] if len(header) > 2 else None, resolve_path)
             out.append((chain, etype, seq))
     if not out:
         raise InputError(f"malformed FASTA {path}: no records")
