@@ -394,7 +394,11 @@ def run_steps(steps: list[dict], work: Path, budget: float) -> list[dict]:
             log.append(entry)
             continue
         if "runs" in step:
-            Path(step["argv"][step["argv"].index("--runs") + 1]).write_text(json.dumps(step["runs"]))
+            runs = step["runs"]
+            if (_load(work / "env.json") or {}).get("cueq") is False:
+                # kernels.attention=cueq would fall back to fused: not a run of its own
+                runs = [r for r in runs if r.get("kernel") != "cueq"]
+            Path(step["argv"][step["argv"].index("--runs") + 1]).write_text(json.dumps(runs))
         timeout = min(step["timeout"], left - 5)
         t0 = time.monotonic()
         print(f"[gpu_check] {step['name']} (timeout {timeout:.0f} s)", file=sys.stderr, flush=True)
@@ -506,6 +510,8 @@ def _section_d(work: Path) -> list[str]:
               "Wall time of the whole `boltz_cp predict` call (featurize, load, forward, write; the same "
               "work on both sides), after untimed warm-ups in the same process.", "",
               "| N | run | exit | wall s | vs reference | peak device MiB |", "|---|---|---|---|---|---|"]
+    if (_load(work / "env.json") or {}).get("cueq") is False:
+        lines += ["cuEquivariance is not installed: no `cp cueq` runs (`pip install -e '.[cueq]'`).", ""]
     d = [r for r in _rows_of(work, "d") if not r.get("warmup")]
     ref = {r["n"]: r for r in d if r["name"] == "reference" and r["rc"] == 0}
     for r in d:

@@ -168,6 +168,9 @@ def test_efficient_block_transposed_q_view():
     bias = torch.randn(1, H, 20, 20, generator=g)
     out, lse = kc.efficient_block(q, k, v, bias, scale=0.25, op=FakeEfficient())
     check(out, lse, q, k, v, bias, 0.25)
+    q_t = torch.randn(6, H, D, 20, generator=g).transpose(-1, -2)  # last dim strided: copied
+    out, lse = kc.efficient_block(q_t, k, v, bias, scale=0.25, op=FakeEfficient())
+    check(out, lse, q_t, k, v, bias, 0.25)
 
 
 def test_efficient_block_empty_key_block_is_minus_inf():

@@ -152,6 +152,7 @@ def efficient_block(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, *, sca
     bq, h, nq, _ = q.shape
     nk = k.shape[2]
     kb = kernel_bias(bias, (bq, h, nq, nk), q.dtype)
+    q = q if q.stride(-1) == 1 else q.contiguous()  # a transposed [B, Q, H, D] view needs no copy
     k, v = _dense(k), _dense(v)
     outs, lses = [], []
     for start in range(0, bq, MAX_BATCH):
