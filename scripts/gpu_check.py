@@ -508,10 +508,10 @@ def _section_d(work: Path) -> list[str]:
     lines = ["## (d) 1x1 cp vs upstream Boltz-2 (bf16-mixed, 0 recycles, 2 steps, full widths, "
              f"blocks {FEW_BLOCKS})", "",
               "Wall time of the whole `boltz_cp predict` call (featurize, load, forward, write; the same "
-              "work on both sides), after untimed warm-ups in the same process.", "",
-              "| N | run | exit | wall s | vs reference | peak device MiB |", "|---|---|---|---|---|---|"]
+              "work on both sides), after untimed warm-ups in the same process.", ""]
     if (_load(work / "env.json") or {}).get("cueq") is False:
         lines += ["cuEquivariance is not installed: no `cp cueq` runs (`pip install -e '.[cueq]'`).", ""]
+    lines += ["| N | run | exit | wall s | vs reference | peak device MiB |", "|---|---|---|---|---|---|"]
     d = [r for r in _rows_of(work, "d") if not r.get("warmup")]
     ref = {r["n"]: r for r in d if r["name"] == "reference" and r["rc"] == 0}
     for r in d:
