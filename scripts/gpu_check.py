@@ -223,14 +223,14 @@ def _has_dist(name: str) -> bool:
         return False
 
 
-def step_kernels(out: Path) -> None:
+def step_kernels(out: Path, dev: str = "cuda") -> None:
     import torch
 
     from boltz_cp.kernels import cuda as kc
 
     torch.backends.cuda.matmul.allow_tf32 = False  # as upstream predict ("highest")
     torch.backends.cudnn.allow_tf32 = False
-    dev, sc = "cuda", D ** -0.5
+    sc = D ** -0.5
     try:
         from boltz_cp.kernels.attention import attend_block
     except ImportError:
