@@ -136,7 +136,8 @@ def validate_plan(steps: list[dict]) -> list[str]:
     compose or validate. -> problems (empty: all good)."""
     from boltz_cp.cli.config import compose_config
     from boltz_cp.cli.predict import validate
-    from boltz_cp.errors import BoltzCPError
+    from boltz_cp.distributed.runtime import BACKENDS
+    from boltz_cp.errors import BoltzCPError, ConfigError
 
     problems = []
     for path in ("scripts/make_random_checkpoint.py", "examples/multichain.yaml"):
@@ -153,7 +154,10 @@ def validate_plan(steps: list[dict]) -> list[str]:
             old = os.environ.get("WORLD_SIZE")
             os.environ["WORLD_SIZE"] = str(step["world"])
             try:
-                validate(compose_config(settings))
+                cfg = compose_config(settings)
+                validate(cfg)
+                if cfg.dist_backend not in BACKENDS:  # checked by init_distributed otherwise
+                    raise ConfigError(f"dist_backend={cfg.dist_backend} is not one of {', '.join(BACKENDS)}")
             except BoltzCPError as e:
                 problems.append(f"{step['name']} / {run['name']}: {e}")
             finally:

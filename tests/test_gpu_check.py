@@ -45,8 +45,9 @@ def test_dry_run_reports_a_bad_setting(tmp_path):
     g = _gpu_check_module()
     steps, _ = g.build_plan(tmp_path, [64])
     steps[3]["runs"][0]["argv"].append("model.backend=nonsense")
+    steps[4]["runs"][0]["argv"].append("dist_backend=mpi")
     problems = g.validate_plan(steps)
-    assert len(problems) == 1 and "model.backend=nonsense" in problems[0]
+    assert len(problems) == 2 and "model.backend=nonsense" in problems[0] and "dist_backend=mpi" in problems[1]
 
 
 def _gpu_check_module():
