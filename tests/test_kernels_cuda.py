@@ -39,6 +39,7 @@ class FakeEfficient:
         for t in (query, key, value):
             assert t.dim() == 4 and t.dtype == query.dtype and t.stride(-1) == 1
         assert query.dtype in (torch.float32, torch.bfloat16, torch.float16), query.dtype
+        assert query.shape[-1] % (16 // query.element_size()) == 0, "head dim alignment"
         b, h, m, _ = query.shape
         n = key.shape[2]
         assert b <= self.max_batch, f"batch {b} > {self.max_batch}"
@@ -201,10 +202,17 @@ def test_stand_in_enforces_the_bias_contract(bad):
     check(out, lse, q, k, v, bias.float(), 1.0)
 
 
-def test_efficient_block_without_cuda_is_a_config_error():
+def test_efficient_block_config_errors():
     q, k, v, _ = make(1, 4, 4, torch.float32)
     with pytest.raises(ConfigError, match="CUDA only"):
         kc.efficient_block(q, k, v, None, scale=1.0)
+    with pytest.raises(ConfigError, match="not float64; use kernels.attention=torch"):
+        kc.efficient_block(q.double(), k.double(), v.double(), None, scale=1.0, op=FakeEfficient())
+    odd = torch.randn(1, H, 4, 12)  # fine in fp32 (12 % 4), not in bf16 (12 % 8)
+    out, _ = kc.efficient_block(odd, odd, odd, None, scale=1.0, op=FakeEfficient())
+    assert out.shape == odd.shape
+    with pytest.raises(ConfigError, match="divisible by 8 in bfloat16, got 12"):
+        kc.efficient_block(*(odd.bfloat16(),) * 3, None, scale=1.0, op=FakeEfficient())
 
 
 def test_efficient_schema_is_the_one_documented():

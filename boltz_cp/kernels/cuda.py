@@ -145,6 +145,12 @@ def efficient_block(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, *, sca
         return _empty_block(q)
     if q.numel() == 0:
         return q.new_zeros(q.shape), q.new_zeros(q.shape[:-1], dtype=_compute_dtype(q.dtype))
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ConfigError(f"kernels.attention=fused on CUDA runs float32, bfloat16 and float16, not "
+                          f"{str(q.dtype).replace('torch.', '')}; use kernels.attention=torch")
+    if q.shape[-1] % (16 // q.element_size()):
+        raise ConfigError(f"kernels.attention=fused on CUDA needs a head dim divisible by "
+                          f"{16 // q.element_size()} in {str(q.dtype).replace('torch.', '')}, got {q.shape[-1]}")
     if op is None:
         if q.device.type != "cuda":
             raise ConfigError(f"the efficient attention op runs on CUDA only, got {q.device.type} tensors")
