@@ -49,7 +49,7 @@ class FakeEfficient:
         if attn_bias is not None:
             assert attn_bias.dim() == 4 and tuple(attn_bias.shape) == (b, h, m, n), attn_bias.shape
             assert attn_bias.dtype == query.dtype, "invalid dtype for bias - should match query's dtype"
-            assert attn_bias.stride(3) == 1
+            assert attn_bias.stride(3) == 1 and attn_bias.data_ptr() % 16 == 0
             align = 16 // query.element_size()
             for size, stride in zip(attn_bias.shape[:3], attn_bias.stride()[:3]):
                 assert size <= 1 or stride % align == 0, attn_bias.stride()
@@ -136,6 +136,11 @@ def test_efficient_block_uses_an_aligned_bias_as_is():
     kb = kc.kernel_bias(odd, (3, H, 8, 33), torch.float32)
     assert kb.data_ptr() != odd.data_ptr() and kb.stride(2) == 48 and kb.stride(0) == 0
     torch.testing.assert_close(kb[2], odd[0], rtol=0, atol=0)
+    wide = torch.randn(1, H, 8, 48, generator=g)
+    view = wide[..., 1:17]  # aligned strides, start 4 bytes in: copied
+    kb = kc.kernel_bias(view, (3, H, 8, 16), torch.float32)
+    assert kb.data_ptr() != view.data_ptr() and kb.data_ptr() % 16 == 0
+    torch.testing.assert_close(kb[0], view[0], rtol=0, atol=0)
 
 
 def test_efficient_block_chunks_rows(monkeypatch):

@@ -96,8 +96,9 @@ def _efficient_op() -> Callable:
 
 
 def _aligned(t: Tensor) -> bool:
-    """Can `t` go to the kernel as it is: last dim contiguous, other strides 0 or 16-aligned."""
-    if t.stride(-1) != 1:
+    """Can `t` go to the kernel as it is: 16-byte aligned start, last dim contiguous, other
+    strides 0 or multiples of BIAS_PAD."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
         return False
     return all(size == 1 or stride == 0 or stride % BIAS_PAD == 0
                for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
