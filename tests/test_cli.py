@@ -34,7 +34,7 @@ def _torchrun(nproc: int, args: list[str], timeout: float = 120) -> subprocess.C
 EXPECTED_KEYS = {
     "mesh", "out_dir", "cache", "checkpoint", "override", "recycling_steps", "sampling_steps",
     "diffusion_samples", "max_parallel_samples", "step_scale", "seed", "method", "use_potentials",
-    "subsample_msa", "num_subsampled_msa", "max_msa_seqs", "precision", "device", "output_format",
+    "subsample_msa", "num_subsampled_msa", "max_msa_seqs", "precision", "device", "dist_backend", "output_format",
     "write_full_pae", "write_full_pde", "write_embeddings", "timeout_s", "progress", "model",
     "affinity_checkpoint", "sampling_steps_affinity", "diffusion_samples_affinity", "affinity_mw_correction",
     "dp",

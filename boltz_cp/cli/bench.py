@@ -156,7 +156,7 @@ def bench(cfg: DictConfig, input_arg: str) -> dict | None:
     if len(files) != 1:
         raise ConfigError(f"the bench takes one input file, got {len(files)} in {input_arg}")
     path = files[0]
-    ctx = init_distributed(cfg.timeout_s, cfg.device)
+    ctx = init_distributed(cfg.timeout_s, cfg.device, cfg.dist_backend)
     staging = Path(tempfile.mkdtemp(prefix="boltz_cp_bench_"))
     try:
         mesh = CPMesh.build(cfg.mesh.rows, cfg.mesh.cols, device_type=ctx.device.type)

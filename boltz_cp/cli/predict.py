@@ -110,7 +110,7 @@ def predict(cfg: DictConfig, input_arg: str) -> None:
     from boltz_cp.distributed import CPMesh, init_distributed, shutdown_distributed
 
     validate(cfg)
-    ctx = init_distributed(cfg.timeout_s, cfg.device)
+    ctx = init_distributed(cfg.timeout_s, cfg.device, cfg.dist_backend)
     try:
         mesh = CPMesh.build(cfg.mesh.rows, cfg.mesh.cols, device_type=ctx.device.type, dp=cfg.dp)
         faults.attach_mesh(mesh)

@@ -42,6 +42,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
+from boltz_cp.distributed import p2p
 from boltz_cp.distributed.mesh import CPMesh, Ring, as_ring
 
 _COUNTERS: Counter = Counter()
@@ -97,7 +98,7 @@ def _exchange(x: torch.Tensor, dst: int, src: int, group, kind: str, tag: int) -
     recv = torch.empty_like(send)
     ops = [dist.P2POp(dist.isend, send, peer=dst, group=group, tag=tag),
            dist.P2POp(dist.irecv, recv, peer=src, group=group, tag=tag)]
-    works = dist.batch_isend_irecv(ops)
+    works = p2p.batch_isend_irecv(ops)
     _COUNTERS[kind] += 1
     _COUNTERS["bytes_sent"] += send.numel() * send.element_size()
     return Pending(recv, works, send)
@@ -147,7 +148,7 @@ def _redistribute(pieces_out: list, pieces_in: list, out: torch.Tensor, group, k
         buf = torch.empty(view.shape, dtype=out.dtype, device=out.device)
         recvs.append((buf, view))
         ops.append(dist.P2POp(dist.irecv, buf, peer=src, group=group, tag=tag))
-    works = dist.batch_isend_irecv(ops) if ops else []
+    works = p2p.batch_isend_irecv(ops) if ops else []
     if not ops:
         _COUNTERS["local_copy"] += 1
 

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from boltz_cp.distributed import p2p
 from boltz_cp.distributed.comm import _COUNTERS
 from boltz_cp.distributed.mesh import CPMesh
 
@@ -63,7 +64,7 @@ def _start(ops: list, kind: str, sends: list[torch.Tensor]) -> list:
         return []
     _COUNTERS[kind] += len(sends)
     _COUNTERS["bytes_sent"] += sum(t.numel() * t.element_size() for t in sends)
-    return dist.batch_isend_irecv(ops)
+    return p2p.batch_isend_irecv(ops)
 
 
 def halo_exchange(x: torch.Tensor, mesh: CPMesh, halo: int, dim: int = 1, *,

@@ -5,8 +5,10 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); without it
 `python -m boltz_cp ...` gets a world of one process over an in-memory store, so DTensor and
 DeviceMesh code paths are the same for 1 and for P ranks.
 
-Backend: "nccl" when the chosen device is CUDA, else "gloo". Never the combined
-"cpu:gloo,cuda:nccl" string: it fails on CPU-only torch builds. Every process group gets an
+Backend (`backend="auto"`): "nccl" when the chosen device is CUDA, else "gloo". `backend="gloo"`
+on CUDA lets several ranks share a GPU (NCCL refuses two ranks per device): rank r then uses
+device r % device_count, and P2P messages are staged through host memory (distributed/p2p.py).
+Never the combined "cpu:gloo,cuda:nccl" string: it fails on CPU-only torch builds. Every process group gets an
 explicit timeout, so a missing peer turns into an error instead of a hang.
 """
 
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from boltz_cp.errors import ConfigError
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+BACKENDS = ("auto", "gloo", "nccl")
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class DistContext:
         return self.rank == 0
 
 
-def _resolve_device(device: str, local_rank: int) -> torch.device:
+def _resolve_device(device: str, local_rank: int, share_gpus: bool = False) -> torch.device:
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "auto":
@@ -50,9 +53,12 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
             raise ConfigError("device=cuda was requested but torch sees no CUDA device "
                               "(CPU-only torch build or no visible GPU); use device=cpu")
         n = torch.cuda.device_count()
+        if share_gpus:
+            return torch.device("cuda", local_rank % n)
         if local_rank >= n:
             raise ConfigError(f"LOCAL_RANK {local_rank} has no GPU: only {n} visible "
-                              f"(launch at most {n} processes per node)")
+                              f"(launch at most {n} processes per node, or share GPUs with "
+                              f"dist_backend=gloo)")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -69,7 +75,7 @@ def _env_int(name: str, default: int | None = None) -> int:
         raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def init_distributed(timeout_s: float, device: str = "auto") -> DistContext:
+def init_distributed(timeout_s: float, device: str = "auto", backend: str = "auto") -> DistContext:
     """Initialise the default process group (once) and return this rank's context.
 
     Under torchrun (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set) this joins the job over
@@ -79,13 +85,18 @@ def init_distributed(timeout_s: float, device: str = "auto") -> DistContext:
     Args:
         timeout_s: timeout of every collective / P2P op of the default group, in seconds.
         device: "auto" (CUDA if available, else CPU), "cpu" or "cuda".
+        backend: "auto" (nccl on CUDA, gloo on CPU), "gloo" (also on CUDA: ranks may share a
+            GPU) or "nccl" (CUDA only).
     Raises:
-        ConfigError: bad timeout or device, CUDA requested but absent, partial torchrun env.
+        ConfigError: bad timeout, device or backend, CUDA requested but absent, partial
+            torchrun env.
     """
     if not timeout_s > 0:
         raise ConfigError(f"timeout_s must be positive, got {timeout_s!r}")
     if not dist.is_available():
         raise ConfigError("this torch build has no torch.distributed support")
+    if backend not in BACKENDS:
+        raise ConfigError(f"dist_backend={backend} is not one of {', '.join(BACKENDS)}")
     local_rank = _env_int("LOCAL_RANK", 0)
 
     if dist.is_initialized():
@@ -93,14 +104,17 @@ def init_distributed(timeout_s: float, device: str = "auto") -> DistContext:
         if device == "auto":
             dev = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
         else:
-            dev = _resolve_device(device, local_rank)
-            if (dev.type == "cuda") != (backend == "nccl"):
+            dev = _resolve_device(device, local_rank, share_gpus=backend == "gloo")
+            if dev.type != "cuda" and backend == "nccl":
                 raise ConfigError(f"device={device} does not match the already initialised "
                                   f"{backend} process group")
         return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
 
-    dev = _resolve_device(device, local_rank)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dev = _resolve_device(device, local_rank, share_gpus=backend == "gloo")
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    elif backend == "nccl" and dev.type != "cuda":
+        raise ConfigError("dist_backend=nccl needs CUDA devices; use dist_backend=gloo (or auto) on CPU")
     timeout = timedelta(seconds=timeout_s)
     present = [v for v in _TORCHRUN_VARS if v in os.environ]
     if present and len(present) < len(_TORCHRUN_VARS):

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from boltz_cp.distributed import p2p
 from boltz_cp.distributed.comm import _COUNTERS
 from boltz_cp.distributed.halo import Deferred, _overlap
 from boltz_cp.distributed.mesh import CPMesh
@@ -45,7 +46,7 @@ from boltz_cp.distributed.mesh import CPMesh
 def _start(ops: list, kind: str, sends: list[torch.Tensor]) -> list:
     _COUNTERS[kind] += len(sends)
     _COUNTERS["bytes_sent"] += sum(t.numel() * t.element_size() for t in sends)
-    return dist.batch_isend_irecv(ops) if ops else []
+    return p2p.batch_isend_irecv(ops) if ops else []
 
 
 def span_gather(block: torch.Tensor, spans: Sequence[tuple[int, int]], mesh: CPMesh, *,

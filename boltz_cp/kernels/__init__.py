@@ -1,0 +1,1 @@
+"""Attention-block kernels: one key block of softmax attention with its log-sum-exp."""
