@@ -1,4 +1,5 @@
-"""MSAs from an MSA server. Tier: no process group (the client against the failure modes).
+"""MSAs from an MSA server (`use_msa_server=true`). Tier: no process group (the client against the
+failure modes) and end-to-end CLI (1x1 and 2x2 under torchrun, with deadlines).
 
 Every case talks to a real HTTP server the test starts on 127.0.0.1 (tests/msa_test_server.py),
 through upstream's own client; nothing is patched.
@@ -6,13 +7,21 @@ through upstream's own client; nothing is patched.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from msa_test_server import MsaTestServer
 from omegaconf import OmegaConf
 
+REPO = Path(__file__).resolve().parent.parent
 SEQ_A = "MKTAYIAKQRQISFVKSH"
 SEQ_B = "GSHMSLFDKLPQ"
 SEQ_BAD = "MVLSPADKTNVKAAW"
+PASSWORD = "pw-5ecret-Q7"
+API_KEY = "key-5ecret-Z9"
 
 
 def _yaml(*chains: tuple[str, str]) -> str:
@@ -69,3 +78,90 @@ def test_server_failures_are_one_line(failure, reason, tmp_path, two_chain_targe
     assert "\n" not in line and line.startswith(f"MSA server {url} gave no paired MSA of chains A, B: "), line
     assert reason in line, line
     assert not (tmp_path / "msa").exists() or not any((tmp_path / "msa").iterdir())
+
+
+def _run(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, check=False)
+
+
+def _no_secret_anywhere(r: subprocess.CompletedProcess, out: Path) -> None:
+    for secret in (PASSWORD, API_KEY):
+        assert secret not in r.stdout and secret not in r.stderr
+        for f in out.rglob("*"):
+            if f.is_file():
+                assert secret.encode() not in f.read_bytes(), f
+
+
+def test_fold_from_server_2x2_then_1x1_from_the_cache(tmp_path, boltz_cache, tiny_ckpt):
+    """A two-chain protein input without MSAs folds on 2x2 with one rank asking the server once
+    per request (basic auth from the command line); then a folder on 1x1 (API key from the
+    environment) folds it again without any request, folds a homodimer of a cached chain
+    without any request, and fails alone the input whose chain the server rejects. Neither
+    secret shows in any output stream or output file."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "mols").symlink_to(boltz_cache / "mols")  # residues; the MSA cache starts empty
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "a.yaml").write_text(_yaml(("A", SEQ_A), ("B", SEQ_B)))
+    (inputs / "b.yaml").write_text(_yaml(("A", SEQ_A), ("B", SEQ_A)))
+    (inputs / "c.yaml").write_text(_yaml(("A", SEQ_BAD)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MSA_API_KEY_VALUE", None)
+    env.pop("BOLTZ_MSA_PASSWORD", None)
+
+    with MsaTestServer(basic_auth=("alice", PASSWORD), api_key=("X-API-Key", API_KEY), reject=(SEQ_BAD,)) as server:
+        common = [f"cache={cache}", f"checkpoint={tiny_ckpt}", "recycling_steps=0", "sampling_steps=2",
+                  "use_msa_server=true", f"msa_server_url={server.url}", "msa_server_timeout_s=120"]
+        out2 = tmp_path / "out2x2"
+        r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                  "-m", "boltz_cp", "predict", str(inputs / "a.yaml"), "mesh=2x2", f"out_dir={out2}", *common,
+                  "msa_server_username=alice", f"msa_server_password={PASSWORD}"], env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert (out2 / "boltz_results_a" / "predictions" / "a" / "a_model_0.cif").exists()
+        assert dict(server.submissions) == {"ticket/pair": 1, "ticket/msa": 1}  # one rank asked, once
+        msa = (out2 / "boltz_results_a" / "processed" / "msa")
+        assert len(list(msa.glob("a_*.npz"))) == 2
+        written = (out2 / "boltz_results_a" / "boltz_cp_config.yaml").read_text()
+        assert "msa_server_password: <redacted>" in written
+        _no_secret_anywhere(r, out2)
+
+        asked = server.requests
+        out1 = tmp_path / "out1x1"
+        r = _run([sys.executable, "-m", "boltz_cp", "predict", str(inputs), f"out_dir={out1}", *common],
+                 {**env, "MSA_API_KEY_VALUE": API_KEY}, timeout=600)
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert "1 of 3 inputs failed" in r.stderr, r.stderr[-3000:]
+        assert f"c.yaml: MSA server {server.url} gave no MSA of chain A: HTTP 500 on submission" in r.stderr
+        for name, answers in (("a", 3), ("b", 1)):  # a: the paired set and both chains; b: one chain
+            want = f"{name}.yaml: MSAs from {server.url}: 0 request(s), {answers} answer(s) from the cache"
+            assert want in r.stderr, r.stderr[-3000:]
+        assert server.requests == asked + 1  # c.yaml's one refused submission; a and b from the cache
+        preds = out1 / "boltz_results_inputs" / "predictions"
+        assert sorted(p.name for p in preds.iterdir()) == ["a", "b"]
+        assert "Traceback" not in r.stderr
+        _no_secret_anywhere(r, out1)
+    assert not list(tmp_path.rglob(".staging-*"))
+    assert not [f for f in (cache / "msa").iterdir() if f.name.startswith(".")]  # no temporary left
+
+
+def test_settings_checked_and_secrets_redacted(monkeypatch):
+    """Upstream's refusals are config errors before any work; `--cfg job` hides the secrets;
+    credentials come from upstream's environment variables."""
+    from boltz_cp.cli.config import compose_config, config_help
+    from boltz_cp.data.msa_server import MsaServer
+    from boltz_cp.errors import ConfigError
+
+    cfg = compose_config(["use_msa_server=true", f"msa_server_password={PASSWORD}", f"api_key_value={API_KEY}"])
+    shown = config_help(cfg)
+    assert PASSWORD not in shown and API_KEY not in shown and "api_key_value: <redacted>" in shown
+    with pytest.raises(ConfigError, match="not both"):
+        MsaServer.from_config(compose_config(["msa_server_username=u", f"msa_server_password={PASSWORD}",
+                                              f"api_key_value={API_KEY}"]), None)
+    with pytest.raises(ConfigError, match="msa_pairing_strategy=best is not one of greedy, complete"):
+        MsaServer.from_config(compose_config(["msa_pairing_strategy=best"]), None)
+    monkeypatch.setenv("BOLTZ_MSA_USERNAME", "alice")
+    monkeypatch.setenv("BOLTZ_MSA_PASSWORD", PASSWORD)
+    server = MsaServer.from_config(compose_config([]), None)
+    assert (server.username, server.password, server.url) == ("alice", PASSWORD, "https://api.colabfold.com")
+    assert PASSWORD not in repr(server)

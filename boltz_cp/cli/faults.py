@@ -180,12 +180,13 @@ def _wait(keys: list[str], deadline_s: float | None, what: str) -> list[bytes]:
         raise RankFailure(f"lost contact with the job's store while waiting for {what} ({_one_line(e)})") from None
 
 
-def share_from_rank0(value: Any, deadline_s: float) -> Any:
-    """Global rank 0's `value` (JSON) on every rank; without a store (one process) the value."""
+def share_from_rank0(value: Any, deadline_s: float, name: str = "shared") -> Any:
+    """Global rank 0's `value` (JSON) on every rank that asks; without a store (one process) the
+    value. Each `name` is set once per job."""
     job = _job
     if job is None:
         return value
-    key = job.prefix + "shared"
+    key = job.prefix + name
     if job.rank == 0:
         try:
             job.store.set(key, json.dumps(value))
