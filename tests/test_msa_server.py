@@ -165,3 +165,24 @@ def test_settings_checked_and_secrets_redacted(monkeypatch):
     server = MsaServer.from_config(compose_config([]), None)
     assert (server.username, server.password, server.url) == ("alice", PASSWORD, "https://api.colabfold.com")
     assert PASSWORD not in repr(server)
+
+
+def test_cache_is_trusted_only_whole(tmp_path, two_chain_target):
+    """A second fetch asks nothing; a damaged cache entry or a leftover temporary file (a run
+    killed while writing) is not trusted: that entry alone is fetched again, with the same rows."""
+    from boltz_cp.data.msa_server import FetchStats, MsaServer, fetch_msas
+
+    with MsaTestServer() as server:
+        settings = MsaServer.from_config(_settings(server.url), tmp_path)
+        first = fetch_msas(two_chain_target, settings, FetchStats())
+        assert dict(server.submissions) == {"ticket/pair": 1, "ticket/msa": 1}
+        stats = FetchStats()
+        assert fetch_msas(two_chain_target, settings, stats) == first
+        assert (stats.requests, stats.cached, sum(server.submissions.values())) == (0, 3, 2)
+        entries = sorted((tmp_path / "msa").glob("*.json"), key=lambda f: f.stat().st_size)
+        assert len(entries) == 3  # the paired set, then one per sequence
+        entries[0].write_text(entries[0].read_text()[: entries[0].stat().st_size // 2])
+        (tmp_path / "msa" / f".{entries[1].stem}.tmp999").write_text('[">1\\nXX\\n"]')
+        stats = FetchStats()
+        assert fetch_msas(two_chain_target, settings, stats) == first
+        assert (stats.requests, stats.cached, sum(server.submissions.values())) == (1, 2, 3)

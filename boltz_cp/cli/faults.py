@@ -8,7 +8,8 @@ put it in their own one-line error. Naming is best effort: every access is short
 error only drops the name, so it can never hold up an exit.
 
 The same store carries, for a multi-rank run, the pending inputs (decided by global rank 0 so
-that every rank assigns the same inputs to the same mesh) and each mesh's failures at the end.
+that every rank assigns the same inputs to the same mesh), the MSA server's answers (cli/msa.py)
+and each mesh's failures at the end.
 Those waits poll the store instead of blocking in it (SIGTERM is handled at once) and stop as
 soon as any rank of the job has failed; the final one has no deadline, because meshes finish
 their inputs at different times.

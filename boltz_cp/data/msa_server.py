@@ -310,7 +310,8 @@ def run_client(server: MsaServer, seqs: list[str], paired: bool) -> list[str]:
         "host_url": server.url, "msa_server_username": server.username,
         "msa_server_password": server.password, "auth_headers": _auth_headers(server),
     }
-    child = ctx.Process(target=_client_process, args=(sender, seqs, str(work / "job"), kwargs), daemon=True)
+    child = ctx.Process(target=_client_process, daemon=True,
+                        args=(sender, seqs, str(work / "job"), kwargs, os.getpid(), server.timeout_s))
     child.start()
     sender.close()
     deadline = time.monotonic() + server.timeout_s
@@ -387,8 +388,9 @@ class _Relay(logging.Handler):
             self.put(("note", text.splitlines()[0][:300] if text else ""))
 
 
-def _client_process(messages, seqs: list[str], prefix: str, kwargs: dict) -> None:
-    """The child: upstream's client, its output silenced, the result or the error sent back."""
+def _client_process(messages, seqs: list[str], prefix: str, kwargs: dict, parent: int, limit_s: float) -> None:
+    """The child: upstream's client, its output silenced, the result or the error sent back.
+    It ends itself past the deadline or when its parent is gone (killed with no clean-up)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
@@ -397,6 +399,7 @@ def _client_process(messages, seqs: list[str], prefix: str, kwargs: dict) -> Non
     from boltz.data.msa.mmseqs2 import logger, run_mmseqs2, tqdm
 
     tqdm.set_lock(threading.RLock())  # its default lock is a semaphore that a killed child would leak
+    threading.Thread(target=_watch, args=(parent, time.monotonic() + limit_s + 5), daemon=True).start()
 
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
@@ -406,3 +409,9 @@ def _client_process(messages, seqs: list[str], prefix: str, kwargs: dict) -> Non
         messages.send(("ok", run_mmseqs2(seqs, prefix, **kwargs)))
     except BaseException as e:  # noqa: BLE001 -- any failure is the server's reply, told in a line
         messages.send(("error", type(e).__name__, str(e).splitlines()[0] if str(e) else ""))
+
+
+def _watch(parent: int, deadline: float) -> None:
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(1.0)
+    os._exit(1)
