@@ -280,12 +280,17 @@ def _read_cache(folder: Path | None, key: str, count: int) -> list[str] | None:
 
 
 def _write_cache(folder: Path | None, key: str, a3ms: list[str]) -> None:
+    """Whole or not at all: written under a temporary name, then renamed. A cache that cannot be
+    written (read-only, full) only costs a later refetch."""
     if folder is None:
         return
-    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{key}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(a3ms))
-    os.replace(tmp, folder / f"{key}.json")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(a3ms))
+        os.replace(tmp, folder / f"{key}.json")
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 # -- upstream's client under a deadline ----------------------------------------------------------
