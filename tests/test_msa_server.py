@@ -186,3 +186,21 @@ def test_cache_is_trusted_only_whole(tmp_path, two_chain_target):
         stats = FetchStats()
         assert fetch_msas(two_chain_target, settings, stats) == first
         assert (stats.requests, stats.cached, sum(server.submissions.values())) == (1, 2, 3)
+
+
+@pytest.mark.parametrize("name,text,asks", [
+    ("a.yaml", "version: 1\nsequences:\n  - protein: {id: A, sequence: MKT}\n", True),
+    ("b.yaml", "version: 1\nsequences:\n  - protein: {id: A, sequence: MKT, msa: empty}\n", False),
+    ("c.yaml", "version: 1\nsequences:\n  - dna: {id: A, sequence: ATGC}\n", False),
+    ("d.fasta", ">A|protein\nMKT\n>B|protein|empty\nMKV\n", True),
+    ("e.fasta", ">A|protein|x.a3m\nMKT\n>B|dna\nATGC\n", False),
+    ("f.yaml", "sequences: [not, a, mapping\n", False),
+])
+def test_which_inputs_ask_the_server(tmp_path, name, text, asks):
+    """Only inputs with a protein chain given without an MSA go to the server (a malformed one is
+    left to its parser's error)."""
+    from boltz_cp.data.msa_server import may_need_server
+
+    path = tmp_path / name
+    path.write_text(text)
+    assert may_need_server(path) is asks
