@@ -37,7 +37,8 @@ EXPECTED_KEYS = {
     "subsample_msa", "num_subsampled_msa", "max_msa_seqs", "precision", "device", "dist_backend", "output_format",
     "write_full_pae", "write_full_pde", "write_embeddings", "timeout_s", "progress", "model",
     "affinity_checkpoint", "sampling_steps_affinity", "diffusion_samples_affinity", "affinity_mw_correction",
-    "dp",
+    "dp", "use_msa_server", "msa_server_url", "msa_pairing_strategy", "msa_server_username",
+    "msa_server_password", "api_key_header", "api_key_value", "msa_server_timeout_s",
 }
 
 

@@ -124,6 +124,8 @@ def validate_bench(cfg: DictConfig) -> None:
         raise ConfigError("the bench runs the CP model only (model.backend=cp)")
     if cfg.dp != 1:
         raise ConfigError(f"the bench runs one mesh (dp=1), got dp={cfg.dp}")
+    if cfg.use_msa_server:
+        raise ConfigError("the bench does not query an MSA server (use_msa_server=false): give the MSAs in the input")
     validate(cfg)
     if cfg.preset is not None and cfg.checkpoint is not None:
         raise ConfigError("give preset= (random weights) or checkpoint= (a file), not both")

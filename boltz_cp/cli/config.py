@@ -53,5 +53,7 @@ def compose_config(overrides: list[str], name: str = "predict") -> DictConfig:
 
 
 def config_help(cfg: DictConfig) -> str:
-    """The composed config with its comments stripped: what a user can set."""
-    return OmegaConf.to_yaml(cfg)
+    """The composed config with its comments stripped: what a user can set (secrets hidden)."""
+    from boltz_cp.data.msa_server import redacted
+
+    return OmegaConf.to_yaml(redacted(cfg))

@@ -8,7 +8,8 @@ put it in their own one-line error. Naming is best effort: every access is short
 error only drops the name, so it can never hold up an exit.
 
 The same store carries, for a multi-rank run, the pending inputs (decided by global rank 0 so
-that every rank assigns the same inputs to the same mesh) and each mesh's failures at the end.
+that every rank assigns the same inputs to the same mesh), the MSA server's answers (cli/msa.py)
+and each mesh's failures at the end.
 Those waits poll the store instead of blocking in it (SIGTERM is handled at once) and stop as
 soon as any rank of the job has failed; the final one has no deadline, because meshes finish
 their inputs at different times.
@@ -180,12 +181,13 @@ def _wait(keys: list[str], deadline_s: float | None, what: str) -> list[bytes]:
         raise RankFailure(f"lost contact with the job's store while waiting for {what} ({_one_line(e)})") from None
 
 
-def share_from_rank0(value: Any, deadline_s: float) -> Any:
-    """Global rank 0's `value` (JSON) on every rank; without a store (one process) the value."""
+def share_from_rank0(value: Any, deadline_s: float, name: str = "shared") -> Any:
+    """Global rank 0's `value` (JSON) on every rank that asks; without a store (one process) the
+    value. Each `name` is set once per job."""
     job = _job
     if job is None:
         return value
-    key = job.prefix + "shared"
+    key = job.prefix + name
     if job.rank == 0:
         try:
             job.store.set(key, json.dumps(value))

@@ -29,8 +29,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from boltz_cp.cli import faults
+from boltz_cp.cli.msa import ServerMsas
 from boltz_cp.cli.progress import Progress
 from boltz_cp.cli.run import resolve_precision, run_model
+from boltz_cp.data.msa_server import redacted
 from boltz_cp.distributed.mesh import auto_mesh, check_mesh_size
 from boltz_cp.errors import BoltzCPError, CheckpointError, ConfigError, InputError, RankFailure
 
@@ -70,6 +72,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"dp must be a positive integer, got {cfg.dp!r}")
     if cfg.timeout_s <= 0:
         raise ConfigError("timeout_s must be positive")
+    if cfg.use_msa_server:
+        from boltz_cp.data.msa_server import MsaServer
+
+        MsaServer.from_config(cfg, None)  # settings upstream refuses fail here, before any work
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _resolve_auto_mesh(cfg, world)
     for key in ("rows", "cols"):
@@ -156,6 +162,8 @@ def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
         log(f"{len(mine)} of {len(pending)} pending input(s) on this mesh: "
             + (", ".join(files[i].name for i in mine) or "none"))
     failures: list[tuple[int, str]] = []  # (input index, message), on the writer
+    msas = ServerMsas(cfg, cache)  # use_msa_server: rank 0 fetches for every mesh (cli/msa.py)
+    msas.fetch(files, pending, mine, mol_dir, cfg.seed, mesh.rank, head, cfg.timeout_s)
 
     def fail(i: int, e: BoltzCPError) -> None:
         failures.append((i, str(e)))
@@ -181,7 +189,7 @@ def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
         try:
             with log.upstream_stdout(writer_rank):
                 _predict_one(cfg, model, files[i], out, mol_dir, ctx.device, precision, log, writer_rank, mesh,
-                             affinity_model)
+                             affinity_model, msas)
         except InputError as e:
             fail(i, e)
         except BoltzCPError as e:
@@ -260,7 +268,7 @@ def _prepare_results(cfg, out: Path, precision: str, device: torch.device) -> No
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out)
     used = OmegaConf.merge(cfg, {"precision": precision, "device": device.type})
-    _atomic_write_text(out / "boltz_cp_config.yaml", OmegaConf.to_yaml(used))
+    _atomic_write_text(out / "boltz_cp_config.yaml", OmegaConf.to_yaml(redacted(used)))  # no secrets
 
 
 def _finish(failures: list[tuple[int, str]], files: list[Path], log, out: Path) -> None:
@@ -274,7 +282,7 @@ def _finish(failures: list[tuple[int, str]], files: list[Path], log, out: Path) 
 
 
 def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, precision, log, writer_rank,
-                 mesh, affinity_model=None) -> None:
+                 mesh, affinity_model=None, msas=None) -> None:
     from boltz.data.write.writer import BoltzWriter
 
     from boltz_cp.data.features import featurize_lean
@@ -284,7 +292,10 @@ def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, preci
     try:
         log(f"{path.name}: parsing and featurizing")
         dirs = ProcessedDirs(staging / "processed").make()
-        record = write_processed(parse_target(path, mol_dir, cfg.seed), path, dirs, cfg.max_msa_seqs)
+        target = parse_target(path, mol_dir, cfg.seed)
+        if msas is not None:
+            msas.attach(path, target, staging / "server_msa")
+        record = write_processed(target, path, dirs, cfg.max_msa_seqs)
         cp = cfg.model.backend == "cp"
         batch = (featurize_lean if cp else featurize)(record, dirs, mol_dir, seed=cfg.seed, method=cfg.method)
         n_tokens = int(batch["token_pad_mask"].sum())

@@ -310,7 +310,7 @@ def write_processed(target, path: Path, dirs: ProcessedDirs, max_msa_seqs: int =
                 raise InputError(
                     f"protein chain {chain.chain_name} in {path} has no MSA: give an .a3m/.csv file "
                     "(`msa: path` in YAML, '>A|protein|path.a3m' in FASTA) or `msa: empty` for "
-                    "single-sequence mode (boltz_cp does not query an MSA server)"
+                    "single-sequence mode, or use_msa_server=true to get it from an MSA server"
                 )
             chain.msa_id = -1
 
