@@ -264,14 +264,14 @@ def step_kernels(out: Path, dev: str = "cuda") -> None:
             for name, fn in fns.items():
                 row = {"dtype": str(dt).replace("torch.", ""), "shape": [rows, nq, nk], "backend": name}
                 try:
-                    o, l = fn(q, k, v, bias)
+                    o, lse = fn(q, k, v, bias)
                     torch.cuda.synchronize()
                     # A fully masked row only needs a finite out and a finite lse near -1e9 (its
                     # weight in the merge ~0): its out depends on how -1e9 + q.k rounds.
                     row.update(out_err=float((o.double() - o_ref)[:, :, live].abs().max()),
-                               lse_err=float((l.double() - l_ref)[:, :, live].abs().max()),
+                               lse_err=float((lse.double() - l_ref)[:, :, live].abs().max()),
                                masked_out_finite=bool(o[:, :, 3].isfinite().all()),
-                               masked_lse=float(l[:, :, 3].double().max()), lse_dtype=str(l.dtype))
+                               masked_lse=float(lse[:, :, 3].double().max()), lse_dtype=str(lse.dtype))
                     row["ok"] = (row["out_err"] <= tol and row["lse_err"] <= tol and row["masked_out_finite"]
                                  and -2e9 < row["masked_lse"] < -1e8)
                 except Exception as e:  # noqa: BLE001
@@ -283,9 +283,9 @@ def step_kernels(out: Path, dev: str = "cuda") -> None:
                 try:
                     b_inf = bias.clone()
                     b_inf[:, :, 3, :] = float("-inf")
-                    o, l = kc.efficient_block(q, k, v, b_inf, scale=sc)
+                    o, lse = kc.efficient_block(q, k, v, b_inf, scale=sc)
                     torch.cuda.synchronize()
-                    row.update(masked_lse=float(l[:, :, 3].double().max()),
+                    row.update(masked_lse=float(lse[:, :, 3].double().max()),
                                masked_out_nan=bool(o[:, :, 3].isnan().any()),
                                out_err=float((o.double() - o_ref)[:, :, live].abs().max()))
                 except Exception as e:  # noqa: BLE001
@@ -304,8 +304,8 @@ def step_kernels(out: Path, dev: str = "cuda") -> None:
                 base = torch.cuda.memory_allocated()
                 t0 = time.perf_counter()
                 for _ in range(5):
-                    o, l = fn(q, k, v, bias)
-                    del o, l
+                    o, lse = fn(q, k, v, bias)
+                    del o, lse
                 torch.cuda.synchronize()
                 row.update(ms=200 * (time.perf_counter() - t0),
                            peak_extra_mib=(torch.cuda.max_memory_allocated() - base) / MIB)

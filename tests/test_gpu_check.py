@@ -72,7 +72,7 @@ def test_kernel_step_verdicts_with_stand_ins(tmp_path, monkeypatch):
     g = _gpu_check_module()
     eff, cueq = kc.efficient_block, kc.cueq_block
     monkeypatch.setattr(kc, "efficient_block", lambda *a, **k: eff(*a, op=FakeEfficient(), **k))
-    monkeypatch.setattr(kc, "cueq_block", lambda *a, **k: (lambda o, l: (o + 1e-3, l))(
+    monkeypatch.setattr(kc, "cueq_block", lambda *a, **k: (lambda o, lse: (o + 1e-3, lse))(
         *cueq(*a, fn=fake_triangle_attention, **k)))  # a "kernel" 1e-3 off
     for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
         monkeypatch.setattr(torch.cuda, name, lambda *a: None)
