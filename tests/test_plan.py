@@ -4,6 +4,7 @@ end-to-end CLI (plan on the 3,605-token benchmark input; no weights)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,80 @@ def test_plan_cli_on_the_3605_input(boltz_cache):
     assert "PREDICTED" in out and "| 2x2 | 4 | 1804x1804 |" in out and "| 1x4 |" in out
     assert "recommended: mesh=" in out
     assert not list(boltz_cache.glob("*.ckpt"))
+
+
+# -- predict refuses what the plan says cannot fit (end-to-end CLI, torchrun on CPU) -----------
+
+REFUSE_TOKENS = 400
+
+
+@pytest.fixture(scope="module")
+def refuse_input(tmp_path_factory, boltz_cache):
+    """A 400-token two-chain protein and its size as the plan reads it."""
+    from boltz_cp.data.synthetic import synthetic_proteins_yaml
+    from boltz_cp.plan.inputs import input_size
+
+    path = tmp_path_factory.mktemp("refuse") / "two_chains.yaml"
+    path.write_text(synthetic_proteins_yaml(REFUSE_TOKENS, chains=2))
+    return path, input_size(path, boltz_cache / "mols")
+
+
+def _refusal_budget(size, rows, cols):
+    """gpu_memory_gb between the mesh's predicted total (fp32 on CPU) and a 4x4 mesh's: refused
+    on RxC, and the smallest mesh that fits is named."""
+    here = plan_mesh(size, rows, cols, precision="fp32").total
+    bigger = plan_mesh(size, 4, 4, precision="fp32").total
+    budget = (here + bigger) / 2
+    best = smallest_fit(size, budget, precision="fp32")
+    assert best is not None and best.geometry.ranks > rows * cols
+    return f"{budget / GB:.4f}", best.geometry.label
+
+
+def _refusal_args(path, tmp_path, cache, gb, *extra):
+    # the checkpoint does not exist: a run that got to loading weights would say so instead
+    return ["predict", str(path), f"out_dir={tmp_path / 'out'}", f"cache={cache}",
+            f"checkpoint={tmp_path / 'absent.ckpt'}", "recycling_steps=0", "sampling_steps=2",
+            f"gpu_memory_gb={gb}", *extra]
+
+
+def _assert_refused(stderr: str, size, mesh: str, best: str, ranks: int) -> None:
+    lines = [line for line in stderr.splitlines() if line.startswith("boltz_cp: error:")]
+    refusals = [line for line in lines if "needs a predicted" in line]
+    assert refusals, stderr[-3000:]
+    for line in refusals:
+        assert f"{size.name} ({size.tokens:,} tokens" in line and f"on mesh {mesh}" in line, line
+        assert f"smallest mesh that fits: {best}" in line and "check_memory=false" in line, line
+    # every rank that reports says the same (a rank torchrun stops first may say so instead)
+    assert all("needs a predicted" in line or "stopped by SIGTERM" in line for line in lines), lines
+    if ranks > 1:
+        assert len({line.split("[rank ", 1)[1].split("/", 1)[0] for line in refusals}) == len(refusals)
+    assert "absent.ckpt" not in stderr
+    # torchrun's agent prints its own traceback (ChildFailedError); none may come from boltz_cp
+    assert not re.search(r'File ".*boltz_cp/', stderr), stderr[-3000:]
+
+
+def test_predict_refuses_before_weights_on_1x1(tmp_path, refuse_input, boltz_cache):
+    path, size = refuse_input
+    gb, best = _refusal_budget(size, 1, 1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "boltz_cp", *_refusal_args(path, tmp_path, boltz_cache, gb)],
+                       capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
+    assert r.returncode == 2, r.stderr[-3000:]
+    _assert_refused(r.stderr, size, "1x1", best, 1)
+    assert not list((tmp_path / "out").rglob("*.cif"))
+    # check_memory=false goes on to the weights (here: the missing checkpoint)
+    r = subprocess.run([sys.executable, "-m", "boltz_cp",
+                        *_refusal_args(path, tmp_path, boltz_cache, gb, "check_memory=false")],
+                       capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
+    assert r.returncode == 2 and "absent.ckpt" in r.stderr and "needs a predicted" not in r.stderr, r.stderr[-2000:]
+
+
+def test_predict_refuses_before_weights_on_2x2_torchrun(tmp_path, refuse_input, boltz_cache):
+    path, size = refuse_input
+    gb, best = _refusal_budget(size, 2, 2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "boltz_cp",
+           *_refusal_args(path, tmp_path, boltz_cache, gb, "mesh=2x2")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       cwd=REPO)
+    assert r.returncode != 0
+    _assert_refused(r.stderr, size, "2x2", best, 4)

@@ -140,9 +140,10 @@ def recommend(opts: list[Option], gpu_bytes: float) -> Option | None:
 
 def smallest_fit(size: RunSize, gpu_bytes: float, hp: Hyper = BOLTZ2, precision: str = "bf16",
                  kernels: str = "torch", max_gpus: int = 1024) -> MeshPlan | None:
-    """The mesh of fewest ranks (then the most square) on which `size` fits, up to max_gpus."""
+    """The mesh of fewest ranks (then the most square; C <= MAX_ASPECT R) on which `size` fits,
+    up to max_gpus."""
     for p in range(1, max_gpus + 1):
-        shapes = sorted(((r, p // r) for r in range(1, p + 1) if p % r == 0 and r <= p // r),
+        shapes = sorted(((r, p // r) for r in range(1, p + 1) if p % r == 0 and r <= p // r <= MAX_ASPECT * r),
                         key=lambda rc: rc[1] - rc[0])
         for r, c in shapes:
             plan = plan_mesh(size, r, c, hp, precision, kernels)
