@@ -26,25 +26,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from boltz_cp.plan.memory import AS_BUILT, MemOptions, memory_summary, stage_memory
-from boltz_cp.plan.model import (
-    BOLTZ2,
-    GB,
-    MIB,
-    Geometry,
-    Hyper,
-    geometry,
-    weights_bytes,
-)
+from boltz_cp.plan.model import BOLTZ2, GB, MIB, Geometry, Hyper, geometry, weights_bytes
+from boltz_cp.plan.model import parameter_count  # noqa: F401  (re-exported: tests/test_bench.py)
 from boltz_cp.plan.planner import RUNTIME_ALLOWANCE_BYTES
-from boltz_cp.plan.timing import (
-    CPU_HERE,
-    h100_variant,
-    ring_step_table,
-    sample_time,
-    stage_time,
-    stage_work,
-    work_time,
-)
+from boltz_cp.plan.timing import H100  # noqa: F401  (re-exported: tests/test_bench.py)
+from boltz_cp.plan.timing import CPU_HERE, h100_variant, ring_step_table, sample_time, stage_time, stage_work, work_time
 
 
 def hyper_from_report(report: dict) -> Hyper:

@@ -286,7 +286,7 @@ def ring_step_table(g: Geometry, hp: Hyper = BOLTZ2) -> list[tuple[str, str, flo
     sj, si = g.cols - 1, g.rows - 1
     if g.ranks == 1:
         return []
-    return [
+    rows = [
         ("tri-mul out / in: A block (ring_j)", "ring_j", q * c * 4, 2 * sj),
         ("tri-mul out / in: B block (ring_i)", "ring_i", q * c * 4, 2 * si),
         ("tri-mul: transpose (+ skew on a square mesh) of the mis-placed operand", "mesh", q * c * 4,
@@ -301,3 +301,4 @@ def ring_step_table(g: Geometry, hp: Hyper = BOLTZ2) -> list[tuple[str, str, flo
         ("s-attention: k_in transpose", "mesh", g.n * (hp.token_s + 1) * 4, 1),
         ("s-attention: partial states all_gather (ring_j)", "ring_j", g.n * (hp.token_s + 2 * hp.s_heads) * 4, sj),
     ]
+    return [row for row in rows if row[3] > 0]
