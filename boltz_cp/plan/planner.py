@@ -159,7 +159,7 @@ def msa_rows(depth: int, max_msa_seqs: int, subsample_msa: bool, num_subsampled_
 
 
 def _gb(x: float) -> str:
-    return f"{x / GB:.1f}"
+    return f"{x / GB:,.0f}" if x >= 1000 * GB else f"{x / GB:.1f}"
 
 
 def format_table(opts: list[Option], gpu_bytes: float | None, best: Option | None) -> str:
