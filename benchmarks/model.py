@@ -77,13 +77,13 @@ BENCH_TIME_STAGES = {
 }
 
 
-def compare(report: dict) -> dict:
+def compare(report: dict, opts: MemOptions = AS_BUILT) -> dict:
     """Measured (a bench report) vs model: per-stage peak memory (max over ranks), the forward
     peak, and per-stage CPU seconds (max over ranks) vs CPU_HERE."""
     hp = hyper_from_report(report)
     rows, cols = (int(x) for x in report["mesh"].split("x"))
     g = geometry(report["n_tokens"], rows, cols, hp, atoms=report["n_atoms"])
-    mem = {k: sum(b for _, b in v) for k, v in stage_memory(g, hp, "fp32").items()}
+    mem = {k: sum(b for _, b in v) for k, v in stage_memory(g, hp, "fp32", opts).items()}
     rows = []
     for st in report["stages"]:
         if st["stage"] in BENCH_STAGES and st["peak_bytes_max"] is not None:
@@ -100,10 +100,10 @@ def compare(report: dict) -> dict:
             "forward_model": max(mem.values()), "time": trows, "geometry": g, "hyper": hp}
 
 
-def print_check(paths: list[str]) -> None:
+def print_check(paths: list[str], opts: MemOptions = AS_BUILT) -> None:
     for path in paths:
         rep = json.loads(Path(path).read_text())
-        r = compare(rep)
+        r = compare(rep, opts)
         g = r["geometry"]
         tile = g.pairs * r["hyper"].token_z * 4
         print(f"\n## {Path(path).name}: N={r['n']} mesh {r['mesh']} (tile {g.n}x{g.m}, fp32 tile {tile / MIB:.1f} MiB)")
@@ -150,13 +150,12 @@ def predict_case(n_tokens: int, side: int, inter_node: bool, hp: Hyper = BOLTZ2,
 
 
 FIXES = (
+    MemOptions(held_before_confidence=True),  # before Boltz2CP.forward dropped relpos and the conditioning
     AS_BUILT,
-    MemOptions(free_before_confidence=True),
-    MemOptions(free_before_confidence=True, release_inputs=True),
-    MemOptions(free_before_confidence=True, release_inputs=True, tri_att_act_dtype=True),
-    MemOptions(free_before_confidence=True, release_inputs=True, tri_att_act_dtype=True, cannon_act_dtype=True),
-    MemOptions(free_before_confidence=True, release_inputs=True, tri_att_act_dtype=True, cannon_act_dtype=True,
-               score_block_per_tile=0.25),
+    MemOptions(release_inputs=True),
+    MemOptions(release_inputs=True, tri_att_act_dtype=True),
+    MemOptions(release_inputs=True, tri_att_act_dtype=True, cannon_act_dtype=True),
+    MemOptions(release_inputs=True, tri_att_act_dtype=True, cannon_act_dtype=True, score_block_per_tile=0.25),
 )
 
 
@@ -302,6 +301,9 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=None)
     c = sub.add_parser("check")
     c.add_argument("reports", nargs="+")
+    c.add_argument("--held", action="store_true",
+                   help="reports measured before Boltz2CP.forward dropped relpos / token_trans_bias / atom "
+                        "biases before confidence (every report in benchmarks/results up to 2026-12-02)")
     m = sub.add_parser("comm")
     m.add_argument("--tokens", type=int, default=3605)
     m.add_argument("--side", type=int, default=2)
@@ -315,7 +317,7 @@ def main() -> None:
         if args.plot and plot_memory(args.plot):
             print(f"\nwrote {args.plot}")
     elif args.cmd == "check":
-        print_check(args.reports)
+        print_check(args.reports, MemOptions(held_before_confidence=True) if args.held else AS_BUILT)
     elif args.cmd == "comm":
         g = geometry(args.tokens, args.side, args.cols)
         inter = g.ranks > 8
