@@ -86,7 +86,10 @@ def check_fits(cfg: DictConfig, files: list[Path], mol_dir: Path, device, mesh) 
     """predict's guard, on every rank before any weights load: ConfigError naming the first input
     the plan says cannot fit this mesh in the device's memory (an explicit gpu_memory_gb=, else on
     CUDA the device's free memory; CPU without it: no check). check_memory=false skips it."""
-    if not cfg.get("check_memory", True) or not files:
+    check = cfg.get("check_memory", True)
+    if not isinstance(check, bool):
+        raise ConfigError(f"check_memory must be true or false, got {check!r}")
+    if not check or not files:
         return
     budget, source = _gpu_bytes(cfg, device)
     if budget is None:
