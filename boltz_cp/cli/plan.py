@@ -149,7 +149,8 @@ def plan(cfg: DictConfig, input_arg: str, out=sys.stdout) -> int:
     opts = options(sizes, gpus, hp, precision, kernels, gpus_per_node=gpus // nodes)
     best = recommend(opts, budget)
     print("\nPREDICTED (analytic model, boltz_cp/plan: memory inventory calibrated on CPU runs, H100 rates "
-          "assumed; not measured)" + (": the largest input per row" if len(sizes) > 1 else ""), file=out)
+          "assumed; not measured)" + ("; per row the largest input's memory, and s/sample of the whole job "
+                                      "(each mesh's inputs one after another)" if len(sizes) > 1 else ""), file=out)
     from boltz_cp.plan.planner import format_table
 
     print(format_table(opts, budget, best), file=out)
