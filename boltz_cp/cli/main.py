@@ -19,12 +19,14 @@ from boltz_cp.errors import BoltzCPError, ConfigError, RankFailure
 
 USAGE = """\
 usage: boltz_cp predict INPUT [key=value ...] [--cfg job] [--help]
+       boltz_cp plan INPUT [gpus=G] [gpu_memory_gb=M] [nodes=K] [key=value ...]
        torchrun --nproc-per-node K -m boltz_cp predict INPUT mesh=RxC|auto [dp=D] [key=value ...]
 
 INPUT is a Boltz-2 .yaml/.fasta file or a directory of them. Settings are Hydra overrides
 (`key=value`, `mesh=2x2`, `mesh.rows=2`, `mesh=auto`); `--cfg job` prints the composed
 configuration. `dp=D` splits the launched processes into D meshes that share the inputs.
-Results go to <out_dir>/boltz_results_<INPUT stem>/ in Boltz-2's layout.
+Results go to <out_dir>/boltz_results_<INPUT stem>/ in Boltz-2's layout. `plan` prints the
+predicted per-rank memory, time and traffic of the same run on every mesh G GPUs allow (no weights).
 """
 
 
@@ -77,9 +79,9 @@ def _main(argv: list[str]) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     try:
-        if command != "predict":
-            raise ConfigError(f"unknown command '{command}' (available: predict)")
-        return _predict(rest)
+        if command not in ("predict", "plan"):
+            raise ConfigError(f"unknown command '{command}' (available: predict, plan)")
+        return _predict(rest, command)
     except BoltzCPError as e:
         return _report(f"error: {_rank_prefix()}{e}", 2)
     except KeyboardInterrupt:
@@ -100,7 +102,7 @@ def _report(message: str, status: int) -> int:
     return status
 
 
-def _predict(args: list[str]) -> int:
+def _predict(args: list[str], command: str = "predict") -> int:
     from boltz_cp.cli.config import compose_config, config_help
 
     want_help = any(a in ("-h", "--help") for a in args)
@@ -113,7 +115,7 @@ def _predict(args: list[str]) -> int:
     args = [a for a in args if a not in ("-h", "--help")]
     positional = [a for a in args if "=" not in a]
     overrides = [a for a in args if "=" in a]
-    cfg = compose_config(overrides)
+    cfg = compose_config(overrides, name=command)
     if want_help or show_cfg:
         if want_help:
             print(USAGE)
@@ -122,6 +124,10 @@ def _predict(args: list[str]) -> int:
         return 0
     if len(positional) != 1:
         raise ConfigError(f"expected exactly one INPUT path, got {positional or 'none'}\n{USAGE}")
+    if command == "plan":
+        from boltz_cp.cli.plan import plan
+
+        return plan(cfg, positional[0])
     from boltz_cp.cli.predict import predict
 
     predict(cfg, positional[0])

@@ -179,6 +179,9 @@ def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
         except InputError as e:
             fail(i, e)
     faults.set_input(None)
+    from boltz_cp.cli.plan import check_fits  # the plan's memory check, before any weights load
+
+    check_fits(cfg, [files[i] for i in pending], mol_dir, ctx.device, mesh)
     if todo:
         model, affinity_model, precision = _load_models(cfg, [files[i] for i in todo], cache, ckpt, ctx.device,
                                                         precision, log, writer_rank)

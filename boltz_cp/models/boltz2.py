@@ -145,7 +145,8 @@ class Boltz2CP(Boltz2Trunk):
         out = super().forward(inputs.trunk, layout, recycling_steps)
         s, z, s_inputs = out["s"], out["z"], out["s_inputs"]
         embedder = inputs.trunk.embedder
-        conditioning = self.diffusion_conditioning(s, z, out["relative_position_encoding"], embedder, layout)
+        # relpos feeds the conditioning only: dropped here, not held through sampling and confidence
+        conditioning = self.diffusion_conditioning(s, z, out.pop("relative_position_encoding"), embedder, layout)
         mesh = layout.mesh
         token_mask = single_from_local(inputs.trunk.feats_i["token_pad_mask"], mesh)
         with torch.autocast(z.device.type, enabled=False):
@@ -155,6 +156,7 @@ class Boltz2CP(Boltz2Trunk):
                 multiplicity=diffusion_samples, max_parallel_samples=max_parallel_samples,
                 steering_args=self.steering_args, diffusion_conditioning=conditioning, inputs=embedder,
                 layout=layout, token_mask=token_mask)
+        del conditioning  # token_trans_bias and the atom biases: not needed by the confidence module
         out.update(struct)
         if self.predict_bfactor:
             out["pbfactor"] = single_from_local(self.bfactor_module(s.to_local()), mesh)
