@@ -200,7 +200,8 @@ def stage_memory(g: Geometry, hp: Hyper = BOLTZ2, precision: str = "fp32",
         raise ValueError(f"kernels must be one of {KERNELS}, got {opts.kernels!r}")
     dt = Dtypes.of(precision)
     c, td, t = hp.token_z, hp.template_dim, hp.templates
-    z = lambda what, ch=c, nb=dt.A: (what, _tile(g, ch, nb))
+    def z(what, ch=c, nb=dt.A):
+        return (what, _tile(g, ch, nb))
 
     def res(stage: str) -> Terms:
         terms = [(f"calibrated residual ({RESIDUAL_TILES[stage]:.2f} fp32 tiles)",
