@@ -78,7 +78,9 @@ def test_help_and_cfg():
 def _predict_args(inp: Path, out: Path, cache: Path, ckpt: Path, *extra: str) -> list[str]:
     return [
         "predict", str(inp), f"out_dir={out}", f"cache={cache}", f"checkpoint={ckpt}",
-        "recycling_steps=0", "sampling_steps=2", *extra,
+        "recycling_steps=0", "sampling_steps=2",
+        "write_full_pae=true", "write_full_pde=true",  # the tests read them; upstream's default writes neither
+        *extra,
     ]
 
 
