@@ -78,9 +78,7 @@ def test_help_and_cfg():
 def _predict_args(inp: Path, out: Path, cache: Path, ckpt: Path, *extra: str) -> list[str]:
     return [
         "predict", str(inp), f"out_dir={out}", f"cache={cache}", f"checkpoint={ckpt}",
-        "recycling_steps=0", "sampling_steps=2",
-        "write_full_pae=true", "write_full_pde=true",  # the tests read them; upstream's default writes neither
-        *extra,
+        "recycling_steps=0", "sampling_steps=2", *extra,
     ]
 
 
@@ -162,12 +160,16 @@ def test_directory_with_a_bad_input(tmp_path, small_input, boltz_cache, tiny_ckp
     (inputs / "good.yaml").write_text(small_input.read_text())
     (inputs / "broken.fasta").write_text(">A|protein|empty\nMKT\n>B|peptide\nMK\n")
     out = tmp_path / "out"
-    r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(inputs, out, boltz_cache, tiny_ckpt)], timeout=300)
+    r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(inputs, out, boltz_cache, tiny_ckpt,
+                                                               "write_full_pae=false", "write_full_pde=false")],
+             timeout=300)
     assert r.returncode == 2, r.stderr
     assert "1 of 2 inputs failed" in r.stderr and "broken.fasta: unknown entity type 'peptide'" in r.stderr
     preds = out / "boltz_results_inputs" / "predictions"
     assert sorted(p.name for p in preds.iterdir()) == ["good"]
     assert (preds / "good" / "good_model_0.cif").exists()
+    written = {p.name.split("_")[0] for p in (preds / "good").iterdir()}
+    assert {"plddt", "confidence"} <= written and not written & {"pae", "pde"}, written  # matrices off
 
 
 # -- model.backend=cp end to end --------------------------------------------------------------

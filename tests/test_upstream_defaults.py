@@ -78,6 +78,15 @@ def _effective(name: str, value, cache: Path):
     if name == "affinity_checkpoint" and value is None:
         assert 'affinity_checkpoint = cache / "boltz2_aff.ckpt"' in src
         return cache / "boltz2_aff.ckpt"
+    if name in ("write_full_pae", "write_full_pde"):
+        # Boltz-2's predict_step never reads these flags and the writer saves whatever it gets:
+        # `boltz predict` writes both matrices, flag or not.
+        from boltz.data.write.writer import BoltzWriter
+        from boltz.model.models.boltz2 import Boltz2
+
+        assert name not in inspect.getsource(Boltz2.predict_step)
+        assert f'if "{name[11:]}" in prediction' in inspect.getsource(BoltzWriter.write_on_batch_end)
+        return True
     if name in ("cache", "out_dir"):
         return Path(value).expanduser()
     return value

@@ -322,7 +322,9 @@ def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, preci
                 boltz2=True,
                 write_embeddings=cfg.write_embeddings,
             )
-            writer.write_on_batch_end(None, None, pred, None, batch, 0, 0)
+            skip = {k for k, on in (("pae", cfg.write_full_pae), ("pde", cfg.write_full_pde)) if not on}
+            kept = {k: v for k, v in pred.items() if k not in skip}
+            writer.write_on_batch_end(None, None, kept, None, batch, 0, 0)
 
         if record.affinity:  # every rank: the writer's top model is the affinity pass's input
             from boltz_cp.cli.affinity import predict_affinity, write_and_share
@@ -344,8 +346,9 @@ def run_model(model, batch: dict, cfg, mesh, device: torch.device, precision: st
     """One featurized batch through the model of `cfg.model.backend` (`run_cp` or `run_reference`),
     with progress lines from hooks on the model's modules."""
     args = model.predict_args
-    # Upstream's sampler denoises `samples % max_parallel_samples + 1` chunks per step.
-    chunks = args["diffusion_samples"] % (args["max_parallel_samples"] or args["diffusion_samples"]) + 1
+    # Upstream's sampler denoises `torch.arange(samples).chunk(samples % max_parallel_samples + 1)` per step.
+    samples = args["diffusion_samples"]
+    chunks = len(torch.arange(samples).chunk(samples % (args["max_parallel_samples"] or samples) + 1))
     hooks = log.hook_model(model, args["recycling_steps"], args["sampling_steps"], chunks)
     try:
         if cfg.model.backend == "cp":
