@@ -37,7 +37,7 @@ EXPECTED_KEYS = {
     "subsample_msa", "num_subsampled_msa", "max_msa_seqs", "precision", "device", "output_format",
     "write_full_pae", "write_full_pde", "write_embeddings", "timeout_s", "progress", "model",
     "affinity_checkpoint", "sampling_steps_affinity", "diffusion_samples_affinity", "affinity_mw_correction",
-    "dp",
+    "dp", "plots",
 }
 
 
@@ -145,6 +145,11 @@ def test_predict_end_to_end(tmp_path, small_input, boltz_cache, tiny_ckpt):
         for f in (f"small_model_{k}.pdb", f"confidence_small_model_{k}.json", f"plddt_small_model_{k}.npz",
                   f"pde_small_model_{k}.npz"):
             assert f in names, names
+    for k in (0, 1):  # plots=true by default
+        for f in (f"pae_small_model_{k}.png", f"plddt_small_model_{k}.png"):
+            assert (pred / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
+    assert r.stderr.rstrip().splitlines()[-1].endswith("PAE and pLDDT plots (PNG) next to each model in "
+                                                       f"{out / 'boltz_results_small' / 'predictions'}/<id>")
     assert (out / "boltz_results_small" / "boltz_cp_config.yaml").exists()
     assert (out / "boltz_results_small" / "processed" / "records" / "small.json").exists()
     assert not list(out.rglob(".staging-*"))
@@ -161,8 +166,8 @@ def test_directory_with_a_bad_input(tmp_path, small_input, boltz_cache, tiny_ckp
     (inputs / "broken.fasta").write_text(">A|protein|empty\nMKT\n>B|peptide\nMK\n")
     out = tmp_path / "out"
     r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(inputs, out, boltz_cache, tiny_ckpt,
-                                                               "write_full_pae=false", "write_full_pde=false")],
-             timeout=300)
+                                                               "write_full_pae=false", "write_full_pde=false",
+                                                               "plots=false")], timeout=300)
     assert r.returncode == 2, r.stderr
     assert "1 of 2 inputs failed" in r.stderr and "broken.fasta: unknown entity type 'peptide'" in r.stderr
     preds = out / "boltz_results_inputs" / "predictions"
@@ -170,6 +175,7 @@ def test_directory_with_a_bad_input(tmp_path, small_input, boltz_cache, tiny_ckp
     assert (preds / "good" / "good_model_0.cif").exists()
     written = {p.name.split("_")[0] for p in (preds / "good").iterdir()}
     assert {"plddt", "confidence"} <= written and not written & {"pae", "pde"}, written  # matrices off
+    assert not list(preds.rglob("*.png"))  # plots=false
 
 
 # -- model.backend=cp end to end --------------------------------------------------------------

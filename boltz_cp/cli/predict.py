@@ -134,7 +134,7 @@ def predict(cfg: DictConfig, input_arg: str) -> None:
             raise
         finally:
             faults.set_input(None)
-        _finish(failures, files, head, out)
+        _finish(failures, files, head, out, cfg.plots)
     finally:
         shutdown_distributed()
 
@@ -273,14 +273,18 @@ def _prepare_results(cfg, out: Path) -> None:
     _atomic_write_text(out / "boltz_cp_config.yaml", OmegaConf.to_yaml(cfg))
 
 
-def _finish(failures: list[tuple[int, str]], files: list[Path], log, out: Path) -> None:
+def _finish(failures: list[tuple[int, str]], files: list[Path], log, out: Path, plots: bool = False) -> None:
     """Every rank: the failures of every mesh in input order (one input: its own message)."""
     if failures and len(files) == 1:
         raise InputError(failures[0][1])
     if failures:
         raise InputError(f"{len(failures)} of {len(files)} inputs failed:\n  "
                          + "\n  ".join(f"{files[i].name}: {msg}" for i, msg in failures))
-    log(f"done: results in {out}")
+    from boltz_cp.cli.plots import available
+
+    pictures = (f"; PAE and pLDDT plots (PNG) next to each model in {out / 'predictions'}/<id>"
+                if plots and available() else "")
+    log(f"done: results in {out}{pictures}")
 
 
 def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, precision, log, writer_rank,
@@ -336,6 +340,11 @@ def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, preci
             write_structures()
         if not writer_rank:
             return
+        if cfg.plots:
+            from boltz_cp.cli.plots import write_plots
+
+            write_plots(pred, batch["asym_id"][0], {c.chain_id: c.chain_name for c in record.chains}, record.id,
+                        staged / record.id, log)
         _publish(staging, out, record.id)
         log(f"{record.id}: wrote {out / 'predictions' / record.id}")
     finally:
