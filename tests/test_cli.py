@@ -37,7 +37,7 @@ EXPECTED_KEYS = {
     "subsample_msa", "num_subsampled_msa", "max_msa_seqs", "precision", "device", "output_format",
     "write_full_pae", "write_full_pde", "write_embeddings", "timeout_s", "progress", "model",
     "affinity_checkpoint", "sampling_steps_affinity", "diffusion_samples_affinity", "affinity_mw_correction",
-    "dp", "plots",
+    "dp", "plots", "weights_url",
 }
 
 

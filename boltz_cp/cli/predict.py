@@ -141,6 +141,7 @@ def predict(cfg: DictConfig, input_arg: str) -> None:
 
 def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
     """This mesh's share of the inputs; returns (failures of every mesh, files, job log, out)."""
+    from boltz_cp.cli.weights import ensure_downloads, wants_affinity
     from boltz_cp.data.ccd import ensure_molecules
     from boltz_cp.data.inputs import collect_inputs, required_ccd_codes
     from boltz_cp.models.checkpoint import default_cache, default_checkpoint_path
@@ -158,6 +159,7 @@ def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
     ckpt = Path(cfg.checkpoint).expanduser() if cfg.checkpoint else default_checkpoint_path(cache)
     out = Path(cfg.out_dir).expanduser() / f"boltz_results_{input_path.stem}"
     mol_dir = cache / "mols"
+    ensure_downloads(cfg, cache, wants_affinity(files), ctx.local_rank, head)  # every rank
 
     meshes = f"{mesh.dp} meshes of {mesh.rows}x{mesh.cols}" if mesh.dp > 1 else f"mesh {mesh.rows}x{mesh.cols}"
     head(f"{len(files)} input(s), {meshes}, device {ctx.device}, precision {precision}")
