@@ -166,30 +166,34 @@ def test_bad_files_are_not_trusted(server, tmp_path):
     assert any("does not extract" in line for line in log.lines)
 
 
-def _run_cli(*args: str, timeout: float = 300):
+def _run_cli(*args: str, timeout: float = 300, nproc: int = 0):
     import subprocess
 
     from test_cli import ENV, REPO
 
-    return subprocess.run([sys.executable, "-m", "boltz_cp", "predict", *args], capture_output=True, text=True,
+    launch = [sys.executable] if not nproc else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                 f"--nproc-per-node={nproc}"]
+    return subprocess.run([*launch, "-m", "boltz_cp", "predict", *args], capture_output=True, text=True,
                           timeout=timeout, env=ENV, cwd=REPO)
 
 
-def test_first_use_run_then_rerun(tmp_path, small_input, boltz_cache, tiny_ckpt):
-    """An empty cache: the run downloads the checkpoint and mols.tar once and folds; a rerun
-    downloads nothing."""
+@pytest.mark.parametrize("side", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_first_use_run_then_rerun(tmp_path, small_input, boltz_cache, tiny_ckpt, side):
+    """An empty cache: a 1x1 (2x2: slow, ~80 s) run downloads the checkpoint and mols.tar once
+    (one request each) and folds; a rerun downloads nothing."""
     s = FileServer({W.CHECKPOINT_NAME: tiny_ckpt.read_bytes(), W.MOLS_TAR: _mols_tar(boltz_cache / "mols")})
     try:
         cache, out = tmp_path / "cache", tmp_path / "out"
         args = (str(small_input), f"out_dir={out}", f"cache={cache}", f"weights_url={s.url}", "recycling_steps=0",
-                "sampling_steps=2", "plots=false")
-        r = _run_cli(*args)
+                "sampling_steps=2", "plots=false", f"mesh={side}x{side}", "precision=fp32")
+        nproc = side * side if side > 1 else 0
+        r = _run_cli(*args, nproc=nproc, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"downloading {W.CHECKPOINT_NAME} from {s.url}/{W.CHECKPOINT_NAME}" in r.stderr
         assert sorted(s.requests) == [W.CHECKPOINT_NAME, W.MOLS_TAR]
         assert (out / "boltz_results_small" / "predictions" / "small" / "small_model_0.cif").exists()
-        r = _run_cli(*args, "override=true")
-        assert r.returncode == 0 and "downloading" not in r.stderr, r.stderr[-3000:]
+        r = _run_cli(*args, nproc=nproc, timeout=600)  # the input is skipped; the cache is checked all the same
+        assert r.returncode == 0 and "skipping" in r.stderr and "downloading" not in r.stderr, r.stderr[-3000:]
         assert len(s.requests) == 2
     finally:
         s.close()
