@@ -89,6 +89,9 @@ def _effective(name: str, value, cache: Path):
         return True
     if name in ("cache", "out_dir"):
         return Path(value).expanduser()
+    if name == "api_key_header" and value is None:
+        assert 'key = api_key_header if api_key_header else "X-API-Key"' in inspect.getsource(boltz.main.compute_msa)
+        return "X-API-Key"
     return value
 
 
@@ -106,6 +109,8 @@ def _ours(name: str, cfg, cache: Path):
         return affinity_checkpoint_path(cfg, cache)
     if name == "out_dir":
         return Path(value).expanduser()
+    if name == "api_key_header" and value is None:  # null: the header upstream's client sends
+        return "X-API-Key"
     return value
 
 
