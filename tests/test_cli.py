@@ -40,6 +40,7 @@ EXPECTED_KEYS = {
     "dp", "use_msa_server", "msa_server_url", "msa_pairing_strategy", "msa_server_username",
     "msa_server_password", "api_key_header", "api_key_value", "msa_server_timeout_s",
     "gpu_memory_gb", "check_memory",
+    "plots", "weights_url",
 }
 
 
@@ -147,6 +148,11 @@ def test_predict_end_to_end(tmp_path, small_input, boltz_cache, tiny_ckpt):
         for f in (f"small_model_{k}.pdb", f"confidence_small_model_{k}.json", f"plddt_small_model_{k}.npz",
                   f"pde_small_model_{k}.npz"):
             assert f in names, names
+    for k in (0, 1):  # plots=true by default
+        for f in (f"pae_small_model_{k}.png", f"plddt_small_model_{k}.png"):
+            assert (pred / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
+    assert r.stderr.rstrip().splitlines()[-1].endswith("PAE and pLDDT plots (PNG) next to each model in "
+                                                       f"{out / 'boltz_results_small' / 'predictions'}/<id>")
     assert (out / "boltz_results_small" / "boltz_cp_config.yaml").exists()
     assert (out / "boltz_results_small" / "processed" / "records" / "small.json").exists()
     assert not list(out.rglob(".staging-*"))
@@ -162,12 +168,17 @@ def test_directory_with_a_bad_input(tmp_path, small_input, boltz_cache, tiny_ckp
     (inputs / "good.yaml").write_text(small_input.read_text())
     (inputs / "broken.fasta").write_text(">A|protein|empty\nMKT\n>B|peptide\nMK\n")
     out = tmp_path / "out"
-    r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(inputs, out, boltz_cache, tiny_ckpt)], timeout=300)
+    r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(inputs, out, boltz_cache, tiny_ckpt,
+                                                               "write_full_pae=false", "write_full_pde=false",
+                                                               "plots=false")], timeout=300)
     assert r.returncode == 2, r.stderr
     assert "1 of 2 inputs failed" in r.stderr and "broken.fasta: unknown entity type 'peptide'" in r.stderr
     preds = out / "boltz_results_inputs" / "predictions"
     assert sorted(p.name for p in preds.iterdir()) == ["good"]
     assert (preds / "good" / "good_model_0.cif").exists()
+    written = {p.name.split("_")[0] for p in (preds / "good").iterdir()}
+    assert {"plddt", "confidence"} <= written and not written & {"pae", "pde"}, written  # matrices off
+    assert not list(preds.rglob("*.png"))  # plots=false
 
 
 # -- model.backend=cp end to end --------------------------------------------------------------

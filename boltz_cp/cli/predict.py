@@ -127,13 +127,14 @@ def predict(cfg: DictConfig, input_arg: str) -> None:
             raise
         finally:
             faults.set_input(None)
-        _finish(failures, files, head, out)
+        _finish(failures, files, head, out, cfg.plots)
     finally:
         shutdown_distributed()
 
 
 def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
     """This mesh's share of the inputs; returns (failures of every mesh, files, job log, out)."""
+    from boltz_cp.cli.weights import ensure_downloads, wants_affinity
     from boltz_cp.data.ccd import ensure_molecules
     from boltz_cp.data.inputs import collect_inputs, required_ccd_codes
     from boltz_cp.models.checkpoint import default_cache, default_checkpoint_path
@@ -151,6 +152,7 @@ def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
     ckpt = Path(cfg.checkpoint).expanduser() if cfg.checkpoint else default_checkpoint_path(cache)
     out = Path(cfg.out_dir).expanduser() / f"boltz_results_{input_path.stem}"
     mol_dir = cache / "mols"
+    ensure_downloads(cfg, cache, wants_affinity(files), ctx.local_rank, head)  # every rank
 
     meshes = f"{mesh.dp} meshes of {mesh.rows}x{mesh.cols}" if mesh.dp > 1 else f"mesh {mesh.rows}x{mesh.cols}"
     head(f"{len(files)} input(s), {meshes}, device {ctx.device}, precision {precision}")
@@ -274,14 +276,18 @@ def _prepare_results(cfg, out: Path, precision: str, device: torch.device) -> No
     _atomic_write_text(out / "boltz_cp_config.yaml", OmegaConf.to_yaml(redacted(used)))  # no secrets
 
 
-def _finish(failures: list[tuple[int, str]], files: list[Path], log, out: Path) -> None:
+def _finish(failures: list[tuple[int, str]], files: list[Path], log, out: Path, plots: bool = False) -> None:
     """Every rank: the failures of every mesh in input order (one input: its own message)."""
     if failures and len(files) == 1:
         raise InputError(failures[0][1])
     if failures:
         raise InputError(f"{len(failures)} of {len(files)} inputs failed:\n  "
                          + "\n  ".join(f"{files[i].name}: {msg}" for i, msg in failures))
-    log(f"done: results in {out}")
+    from boltz_cp.cli.plots import available
+
+    pictures = (f"; PAE and pLDDT plots (PNG) next to each model in {out / 'predictions'}/<id>"
+                if plots and available() else "")
+    log(f"done: results in {out}{pictures}")
 
 
 def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, precision, log, writer_rank,
@@ -326,7 +332,9 @@ def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, preci
                 boltz2=True,
                 write_embeddings=cfg.write_embeddings,
             )
-            writer.write_on_batch_end(None, None, pred, None, batch, 0, 0)
+            skip = {k for k, on in (("pae", cfg.write_full_pae), ("pde", cfg.write_full_pde)) if not on}
+            kept = {k: v for k, v in pred.items() if k not in skip}
+            writer.write_on_batch_end(None, None, kept, None, batch, 0, 0)
 
         if record.affinity:  # every rank: the writer's top model is the affinity pass's input
             from boltz_cp.cli.affinity import predict_affinity, write_and_share
@@ -338,6 +346,11 @@ def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, preci
             write_structures()
         if not writer_rank:
             return
+        if cfg.plots:
+            from boltz_cp.cli.plots import write_plots
+
+            write_plots(pred, batch["asym_id"][0], {c.chain_id: c.chain_name for c in record.chains}, record.id,
+                        staged / record.id, log)
         _publish(staging, out, record.id)
         log(f"{record.id}: wrote {out / 'predictions' / record.id}")
     finally:

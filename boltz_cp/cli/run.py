@@ -60,8 +60,10 @@ def run_model(model, batch: dict, cfg, mesh, device: torch.device, precision: st
     """One featurized batch through the model of `cfg.model.backend` (`run_cp` or `run_reference`),
     with progress lines from hooks on the model's modules."""
     args = model.predict_args
-    # Upstream's sampler denoises `samples % max_parallel_samples + 1` chunks per step.
-    chunks = args["diffusion_samples"] % (args["max_parallel_samples"] or args["diffusion_samples"]) + 1
+    # Upstream's sampler denoises `torch.arange(samples).chunk(samples % max_parallel_samples + 1)` per
+    # step: chunk() may return fewer pieces than asked for.
+    samples = args["diffusion_samples"]
+    chunks = len(torch.arange(samples).chunk(samples % (args["max_parallel_samples"] or samples) + 1))
     hooks = log.hook_model(model, args["recycling_steps"], args["sampling_steps"], chunks)
     try:
         if cfg.model.backend == "cp":
