@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from boltz_cp.cli.plots import write_plots
+from boltz_cp.plots import write_plots
 
 
 class _Log:

@@ -1,4 +1,4 @@
-"""PAE / pLDDT pictures (boltz_cp/cli/plots.py). Tier: no PG.
+"""PAE / pLDDT pictures (boltz_cp/plots.py). Tier: no PG.
 
 The PNGs are written, named and ranked like upstream's files, are valid images, and show the
 chain boundaries; the PAE heatmap is the block mean of the matrix at the figure's pixels. Speed
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from boltz_cp.cli import plots
+from boltz_cp import plots
 
 
 def test_block_mean_exact():

@@ -283,7 +283,7 @@ def _finish(failures: list[tuple[int, str]], files: list[Path], log, out: Path, 
     if failures:
         raise InputError(f"{len(failures)} of {len(files)} inputs failed:\n  "
                          + "\n  ".join(f"{files[i].name}: {msg}" for i, msg in failures))
-    from boltz_cp.cli.plots import available
+    from boltz_cp.plots import available
 
     pictures = (f"; PAE and pLDDT plots (PNG) next to each model in {out / 'predictions'}/<id>"
                 if plots and available() else "")
@@ -347,7 +347,7 @@ def _predict_one(cfg, model, path: Path, out: Path, mol_dir: Path, device, preci
         if not writer_rank:
             return
         if cfg.plots:
-            from boltz_cp.cli.plots import write_plots
+            from boltz_cp.plots import write_plots
 
             write_plots(pred, batch["asym_id"][0], {c.chain_id: c.chain_name for c in record.chains}, record.id,
                         staged / record.id, log)
