@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from boltz_cp.cli import faults
 from boltz_cp.cli.msa import ServerMsas
 from boltz_cp.cli.progress import Progress
-from boltz_cp.cli.run import resolve_precision, run_model
+from boltz_cp.cli.run import model_settings, resolve_precision, run_model
 from boltz_cp.data.msa_server import redacted
 from boltz_cp.distributed.mesh import auto_mesh, check_mesh_size
 from boltz_cp.errors import BoltzCPError, CheckpointError, ConfigError, InputError, RankFailure
@@ -231,26 +231,7 @@ def _load_models(cfg, todo: list[Path], cache: Path, ckpt: Path, device, precisi
     if any(affinity_binder(p) is not None for p in todo):
         affinity_ckpt = require_affinity_checkpoint(affinity_checkpoint_path(cfg, cache))
     log(f"loading checkpoint {ckpt}")
-    model, info = load_boltz2(
-        ckpt,
-        predict_args={
-            "recycling_steps": cfg.recycling_steps,
-            "sampling_steps": cfg.sampling_steps,
-            "diffusion_samples": cfg.diffusion_samples,
-            "max_parallel_samples": cfg.max_parallel_samples,
-            "write_confidence_summary": True,
-            "write_full_pae": cfg.write_full_pae,
-            "write_full_pde": cfg.write_full_pde,
-        },
-        diffusion_overrides={"step_scale": cfg.step_scale},
-        steering_args={
-            "fk_steering": cfg.use_potentials,
-            "physical_guidance_update": cfg.use_potentials,
-        },
-        msa_overrides={"subsample_msa": cfg.subsample_msa, "num_subsampled_msa": cfg.num_subsampled_msa},
-        use_kernels=False,
-        cp=cfg.model.backend == "cp",
-    )
+    model, info = load_boltz2(ckpt, **model_settings(cfg), cp=cfg.model.backend == "cp")
     model.to(device)
     if info.get("random_preset") and warn:
         log.warn(
