@@ -179,7 +179,7 @@ def test_fused_allocates_no_score_block():
     peak = {}
     for backend in CPU_BACKENDS:
         r = subprocess.run([sys.executable, "-c", _PEAK, backend], capture_output=True, text=True,
-                           timeout=120, env=env)
+                           timeout=120, env=env, check=False)
         assert r.returncode == 0, r.stderr[-2000:]
         peak[backend] = int(r.stdout.split()[-1])
     assert peak["torch"] >= score, peak

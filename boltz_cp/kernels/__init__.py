@@ -3,6 +3,12 @@
 Imports torch and `boltz_cp.errors` only; imported by layers/ and modules/.
 """
 
-from boltz_cp.kernels.attention import BACKENDS, attend_block, current_backend, set_backend, use_backend
+from boltz_cp.kernels.attention import (
+    BACKENDS,
+    attend_block,
+    current_backend,
+    set_backend,
+    use_backend,
+)
 
 __all__ = ["BACKENDS", "attend_block", "current_backend", "set_backend", "use_backend"]
