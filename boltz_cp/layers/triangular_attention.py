@@ -179,7 +179,8 @@ def _attend_rows(mod, q, k, v, key_ok, tri_bias, state, rows: int) -> None:
     """
     col = key_ok.amax(dim=0)  # [k] keys valid for some row
     regular = (key_ok == col).all(dim=-1) & bool(col.any())
-    bias = tri_bias if bool(col.all()) else tri_bias + mod.inf * (col - 1)
+    # One contiguous [1, H, n_j, k] bias per block: every row chunk reads it again.
+    bias = (tri_bias if bool(col.all()) else tri_bias + mod.inf * (col - 1)).contiguous()
     for i0 in range(0, q.shape[0], rows):
         i1 = min(i0 + rows, q.shape[0])
         reg = regular[i0:i1]
