@@ -138,6 +138,8 @@ def test_backend_setting():
     assert ka.resolve(None, "cpu", torch.float32) == "fused"  # auto picks the CPU flash op
     assert ka.resolve("fused", "cuda", torch.float64) == "torch"  # no fp64 efficient kernel
     assert ka.resolve("cueq", "cuda", torch.float32) == "cueq"
+    with pytest.warns(RuntimeWarning, match="CUDA only"):
+        assert ka.resolve("cueq", "cpu", torch.float32) == "fused"
 
 
 def test_unknown_schema_falls_back_to_torch(monkeypatch):
