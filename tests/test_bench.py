@@ -55,6 +55,7 @@ def test_bench_report_structure(tiny_report):
     assert "| stage | calls |" in stdout and "| rank | tile (r, c) |" in stdout and "BENCH_JSON {" in stdout
     assert (rep["n_tokens"], rep["mesh"], rep["recycling_steps"], rep["sampling_steps"]) == (24, "1x1", 1, 2)
     assert rep["model"]["random"] and rep["model"]["blocks"]["pairformer"] == 1
+    assert rep["kernels_attention"] == "auto" and "kernels.attention auto" in stdout
     stages = {s["stage"]: s for s in rep["stages"]}
     calls = {"trunk: pairformer": 2, "trunk: MSA module": 2, "trunk: templates": 2,
              "trunk: recycle (templates + MSA + pairformer)": 2, "diffusion step (score model)": 2,
@@ -98,6 +99,9 @@ def test_bench_settings():
         apply_blocks(hp, {"trunk": 1}, limit_to_existing=False)
     cfg = compose_config(["mesh=2x2", "preset=full", "blocks.pairformer=1"], name="bench")
     assert (cfg.mesh.rows, cfg.model.backend, cfg.blocks.pairformer, cfg.recycling_steps) == (2, "cp", 1, 3)
+    assert compose_config(["kernels.attention=torch"], name="bench").kernels.attention == "torch"
+    with pytest.raises(ConfigError, match="kernels.attention"):
+        validate_bench(compose_config(["kernels.attention=flex"], name="bench"))
     with pytest.raises(ConfigError, match="not both"):
         validate_bench(compose_config(["preset=tiny", "checkpoint=x.ckpt"], name="bench"))
     with pytest.raises(ConfigError, match="positive integer"):

@@ -307,6 +307,7 @@ def test_full_preset_cp_equals_reference(tmp_path, small_input, boltz_cache):
     ("sampling_steps=1", "sampling_steps must be at least 2"),
     ("diffusion_samples=0", "diffusion_samples must be at least 1"),
     ("model.backend=nope", "model.backend=nope is not one of auto, reference, cp"),
+    ("kernels.attention=flash", "kernels.attention=flash is not one of auto, torch, fused, cueq"),
 ])
 def test_bad_settings_stop_before_any_work(tmp_path, small_input, override, message):
     r = _run([sys.executable, "-m", "boltz_cp", "predict", str(small_input), f"out_dir={tmp_path / 'out'}", override])

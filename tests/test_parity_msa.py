@@ -44,20 +44,26 @@ def _tiles(mesh, layout, s_rows, width, gen):
     return pair_from_tile(m, mesh), pair_from_tile(mask, mesh)
 
 
-def _counted_opm(mesh, n, s_rows, chunk_size=None, hidden=4):
+def _counted_opm(mesh, n, s_rows, chunk_size=None, hidden=4, mixed=False):
     """One OPM forward on my own tiles under a full-size guard: (counters, violations, finite,
-    output tile)."""
+    output tile). ``mixed``: a float32 module under bf16 autocast (precision=bf16-mixed)."""
+    from contextlib import nullcontext
+
     from boltz_cp.distributed import TokenLayout, comm_counters, reset_comm_counters
     from boltz_cp.layers.outer_product_mean import OuterProductMean
     from boltz_cp.parity.guards import FullSizeGuard
     from boltz_cp.parity.reference import randomize_
 
-    module = randomize_(OuterProductMean(8, hidden, 16), torch.Generator().manual_seed(0)).double().eval()
+    dtype = torch.float32 if mixed else torch.float64
+    module = randomize_(OuterProductMean(8, hidden, 16), torch.Generator().manual_seed(0)).to(dtype).eval()
     layout = TokenLayout(n, mesh)
     m, mask = _tiles(mesh, layout, s_rows, 8, torch.Generator().manual_seed(mesh.rank))
+    if mixed:
+        m, mask = m.to(dtype), mask.to(dtype)
     guard = FullSizeGuard(layout.n_padded)
     reset_comm_counters()
-    with torch.inference_mode(), guard:
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if mixed else nullcontext()
+    with torch.inference_mode(), guard, autocast:
         out = module(m, mask, layout, chunk_size=chunk_size).to_local()
     return comm_counters(), guard.violations, bool(torch.isfinite(out).all()), out
 
@@ -80,6 +86,17 @@ def test_opm_message_counts_and_tile_memory(run_on_mesh, side):
         assert finite, f"rank {rank}: non-finite output"
         total += sent
     assert total == {2: 13, 3: 50}[side]
+
+
+def test_opm_bf16_mixed_sends_bf16_operands(run_on_mesh):
+    """precision=bf16-mixed: a and b travel in bf16, half the bytes of fp32 (their values are
+    autocast outputs times a 0/1 mask, bf16 already)."""
+    n, s_rows, hidden = 37, 5, 4
+    block_elems = 4 * 20 * (hidden + 1)  # 2x2: S padded to 8, N to 40
+    for rank, (counts, _, finite, _) in enumerate(run_on_mesh(_counted_opm, 2, 2, n, s_rows, None, hidden, True)):
+        sent = counts["ring_shift"] + counts["transpose"] + counts["skew"]
+        assert sent > 0 and counts["bytes_sent"] == sent * block_elems * 2, f"rank {rank}: {counts}"
+        assert finite
 
 
 def test_opm_chunked_projection_same_result_and_messages(run_on_mesh):

@@ -30,7 +30,11 @@ def test_parity_all_on_2x2_under_torchrun():
 def test_parity_plain_and_usage_errors():
     r = _run([sys.executable, "-m", "boltz_cp.parity", "transition_z", "--tokens", "1", "5"])
     assert r.returncode == 0 and r.stdout.count("mesh=1x1") == 2, r.stdout + r.stderr
+    r = _run([sys.executable, "-m", "boltz_cp.parity", "triatt_start", "--tokens", "7", "--kernels", "torch"])
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("PASS"), r.stdout + r.stderr
     r = _run([sys.executable, "-m", "boltz_cp.parity", "nonsense"])
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = _run([sys.executable, "-m", "boltz_cp.parity", "triatt_start", "--kernels", "flex"])
     assert r.returncode == 2 and "invalid choice" in r.stderr
     r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
               "-m", "boltz_cp.parity", "transition_z", "--mesh", "2x2"])

@@ -27,25 +27,30 @@ def test_trimul_float32_full_width(run_on_mesh, name):
     assert_parity(run_on_mesh, name, 2, 64, dtype="float32", preset="full", timeout=300)
 
 
-def _counted_forward(mesh, outgoing: bool, n: int, width: int = 16):
+def _counted_forward(mesh, outgoing: bool, n: int, width: int = 16, mixed: bool = False):
     """One forward on my own random tiles (pad rows/cols real values, mask 0) under a
-    full-size allocation guard; returns (counters, guard violations, all outputs finite)."""
+    full-size allocation guard; returns (counters, guard violations, all outputs finite).
+    ``mixed``: a float32 module under bf16 autocast (precision=bf16-mixed)."""
+    from contextlib import nullcontext
+
     from boltz_cp.distributed import TokenLayout, comm_counters, pair_from_tile, reset_comm_counters
     from boltz_cp.layers import triangular_mult as cp
     from boltz_cp.parity.guards import FullSizeGuard
     from boltz_cp.parity.reference import randomize_
 
     cls = cp.TriangleMultiplicationOutgoing if outgoing else cp.TriangleMultiplicationIncoming
-    module = randomize_(cls(width), torch.Generator().manual_seed(0)).double().eval()
+    dtype = torch.float32 if mixed else torch.float64
+    module = randomize_(cls(width), torch.Generator().manual_seed(0)).to(dtype).eval()
     layout = TokenLayout(n, mesh)
     g = torch.Generator().manual_seed(mesh.rank)
     ni = layout.rows.stop - layout.rows.start
     real_i, real_j = (~layout.is_pad(layout.rows)).double(), (~layout.is_pad(layout.cols)).double()
-    x = pair_from_tile(torch.randn(1, ni, ni, width, generator=g, dtype=torch.float64), mesh)
-    mask = pair_from_tile((real_i[:, None] * real_j[None, :])[None].clone(), mesh)
+    x = pair_from_tile(torch.randn(1, ni, ni, width, generator=g, dtype=dtype), mesh)
+    mask = pair_from_tile((real_i[:, None] * real_j[None, :])[None].to(dtype), mesh)
     guard = FullSizeGuard(layout.n_padded)
     reset_comm_counters()
-    with torch.inference_mode(), guard:
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if mixed else nullcontext()
+    with torch.inference_mode(), guard, autocast:
         out = module(x, mask, layout)
     return comm_counters(), guard.violations, bool(torch.isfinite(out.to_local()).all())
 
@@ -67,6 +72,18 @@ def test_message_counts_and_tile_memory(run_on_mesh, side, outgoing):
         assert finite, f"rank {rank}: non-finite output"
         total += sent
     assert total == {2: 13, 3: 50}[side]
+
+
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+def test_bf16_mixed_sends_bf16_operands(run_on_mesh, outgoing):
+    """precision=bf16-mixed: the Cannon operands travel in bf16, half the bytes of fp32 (their
+    values are bf16 already; the products accumulate in fp32)."""
+    n, width = 37, 16
+    tile_elems = 20 * 20 * width  # n_padded 40 on 2x2
+    for rank, (counts, _, finite) in enumerate(run_on_mesh(_counted_forward, 2, 2, outgoing, n, width, True)):
+        sent = counts["ring_shift"] + counts["transpose"] + counts["skew"]
+        assert sent > 0 and counts["bytes_sent"] == sent * tile_elems * 2, f"rank {rank}: {counts}"
+        assert finite
 
 
 def test_one_by_one_sends_nothing(run_on_mesh):

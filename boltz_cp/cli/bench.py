@@ -45,6 +45,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from boltz_cp.errors import BoltzCPError, ConfigError
+from boltz_cp.kernels import set_backend
 from boltz_cp.measure import MIB, CudaMeter, HeapMeter, StageRecorder, aggregate, hook_stages, rss_peak
 from boltz_cp.models.presets import BLOCK_KEYS, PRESETS, apply_blocks
 
@@ -154,6 +155,7 @@ def bench(cfg: DictConfig, input_arg: str) -> dict | None:
     from boltz_cp.models.checkpoint import default_cache
 
     validate_bench(cfg)
+    set_backend(cfg.kernels.attention)
     files = collect_inputs(Path(input_arg).expanduser())
     if len(files) != 1:
         raise ConfigError(f"the bench takes one input file, got {len(files)} in {input_arg}")
@@ -251,6 +253,7 @@ def bench(cfg: DictConfig, input_arg: str) -> dict | None:
             "input": str(path), "record": record.id, "n_tokens": n_tokens, "n_atoms": n_atoms,
             "n_padded": layout.n_padded, "mesh": f"{mesh.rows}x{mesh.cols}", "device": str(device),
             "dtype": "float32", "threads_per_rank": torch.get_num_threads(),
+            "kernels_attention": cfg.kernels.attention,
             "recycling_steps": args["recycling_steps"], "sampling_steps": args["sampling_steps"],
             "diffusion_samples": args["diffusion_samples"],
             "model": {k: v for k, v in info.items() if k != "hparams"},
@@ -295,7 +298,8 @@ def format_report(report: dict) -> str:
         f"model: {m['weights']}; {m['parameters']:,} parameters ({m['parameter_bytes'] / MIB:.0f} MiB per rank); "
         "blocks " + ", ".join(f"{k} {v}" for k, v in m["blocks"].items()),
         f"run: recycling_steps {report['recycling_steps']}, sampling_steps {report['sampling_steps']}, "
-        f"diffusion_samples {report['diffusion_samples']}",
+        f"diffusion_samples {report['diffusion_samples']}, "
+        f"kernels.attention {report.get('kernels_attention', 'torch')}",
         "",
         "| stage | calls | wall s (rank 0) | wall s per call | wall s (max over ranks) | CPU s (max over ranks) "
         "| peak MiB (max over ranks) |",

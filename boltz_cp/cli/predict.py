@@ -35,6 +35,8 @@ from boltz_cp.cli.run import model_settings, resolve_precision, run_model
 from boltz_cp.data.msa_server import redacted
 from boltz_cp.distributed.mesh import auto_mesh, check_mesh_size
 from boltz_cp.errors import BoltzCPError, CheckpointError, ConfigError, InputError, RankFailure
+from boltz_cp.kernels import BACKENDS as ATTENTION_BACKENDS
+from boltz_cp.kernels import set_backend
 
 BACKENDS = ("auto", "reference", "cp")
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
@@ -53,6 +55,7 @@ def validate(cfg: DictConfig) -> None:
     choice("precision", cfg.precision, PRECISIONS)
     choice("output_format", cfg.output_format, FORMATS)
     choice("device", cfg.device, DEVICES)
+    choice("kernels.attention", cfg.kernels.attention, ATTENTION_BACKENDS)
     for key in ("recycling_steps", "sampling_steps", "diffusion_samples", "seed", "sampling_steps_affinity",
                 "diffusion_samples_affinity"):
         if not isinstance(cfg[key], int) or cfg[key] < 0:
@@ -116,6 +119,7 @@ def predict(cfg: DictConfig, input_arg: str) -> None:
     from boltz_cp.distributed import CPMesh, init_distributed, shutdown_distributed
 
     validate(cfg)
+    set_backend(cfg.kernels.attention)
     ctx = init_distributed(cfg.timeout_s, cfg.device, cfg.dist_backend)
     try:
         mesh = CPMesh.build(cfg.mesh.rows, cfg.mesh.cols, device_type=ctx.device.type, dp=cfg.dp)

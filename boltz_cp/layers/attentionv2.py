@@ -13,6 +13,8 @@ Communication per call (p x p mesh, n = N/p, H heads of width D = C_s/H):
       output, running max, sum of exponentials) in at least fp32: each rank sends
       B*mult*n*(C_s+2H) elements and receives p-1 such blocks (none on 1x1).
     The bias tile never moves; no (query, key) pair is scored on more than one rank.
+Scores: `boltz_cp.kernels.attend_block` per query-row chunk (kernels.attention picks the
+backend; fused keeps no score block, only the chunk of bias proj_z produces).
 Upstream twin: boltz/model/layers/attentionv2.py AttentionPairBias
 """
 
@@ -25,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from boltz.model.layers.attentionv2 import AttentionPairBias as _UpstreamAttentionPairBias
 from boltz_cp.distributed import PAIR, SINGLE_BY_I, TokenLayout, check_placements
 from boltz_cp.distributed.comm import column_block
+from boltz_cp.kernels import attend_block
 from boltz_cp.layers._dtensor import like
 
 # Query rows are processed in chunks of at most this many (query, key) pairs, so the
@@ -151,9 +154,10 @@ class AttentionPairBias(_UpstreamAttentionPairBias):
         return self.proj_o(g_f * o)
 
     def _partial(self, q, k, v, mask_j, z_tile, multiplicity: int, ct):
-        """The unnormalised softmax state [B', n, H, D+2] of queries q [B', n, H, D] against my
-        real keys k, v [B', n_keys, H, D] with the bias of my tile through proj_z (from z, or
-        only moving the heads first when compute_pair_bias=False), in upstream's order."""
+        """The softmax state [B', n, H, D+2] = (o, max, sum) of queries q [B', n, H, D] against
+        my real keys k, v [B', n_keys, H, D] with the bias of my tile through proj_z (from z, or
+        only moving the heads first when compute_pair_bias=False). One `attend_block` call per
+        query-row chunk gives (out, lse, 1), a normalised state the merge takes as it is."""
         d = self.head_dim
         n, n_keys = q.shape[1], k.shape[1]
         state = torch.empty(q.shape[0], n, self.num_heads, d + 2, dtype=ct, device=q.device)
@@ -163,22 +167,41 @@ class AttentionPairBias(_UpstreamAttentionPairBias):
             state[..., d + 1] = 0
             return state
         k_ct, v_ct = k.to(ct), v.to(ct)
-        key_bias = (1 - mask_j[:, None, None].to(ct)) * -self.inf
+        has_key = (mask_j != 0).any(dim=-1)  # [B'] some key of my block is unmasked
+        # Real tokens have mask 1 (pad keys are dropped): then the pair bias goes to the kernel
+        # as it is, else the key mask is folded into it (finite -inf, as upstream's).
+        key_bias = None if bool((mask_j != 0).all()) else (1 - mask_j[:, None, None].to(ct)) * -self.inf
+        exact = (~has_key).nonzero().flatten()
         z_keys = z_tile[:, :, :n_keys]
         rows = max(1, CHUNK_PAIRS // n_keys)
         with torch.autocast(q.device.type, enabled=False):
             for i0 in range(0, n, rows):
                 i1 = min(n, i0 + rows)
-                bias = self.proj_z(z_keys[:, i0:i1]).repeat_interleave(multiplicity, 0)
-                # In place, in upstream's order: qk / sqrt(D) + bias + key mask bias.
-                attn = torch.einsum("bihd,bjhd->bhij", q[:, i0:i1].to(ct), k_ct)
-                attn.div_(d**0.5).add_(bias.to(ct)).add_(key_bias)
-                m_blk = attn.amax(dim=-1, keepdim=True)
-                p_blk = attn.sub_(m_blk).exp_()
-                state[:, i0:i1, :, :d] = torch.einsum("bhij,bjhd->bihd", p_blk, v_ct)
-                state[:, i0:i1, :, d] = m_blk[..., 0].transpose(1, 2)
-                state[:, i0:i1, :, d + 1] = p_blk.sum(dim=-1).transpose(1, 2)
+                bias = self.proj_z(z_keys[:, i0:i1]).repeat_interleave(multiplicity, 0).to(ct)
+                q_c = q[:, i0:i1].to(ct)
+                full = bias if key_bias is None else bias + key_bias
+                out, lse = attend_block(q_c.transpose(1, 2), k_ct.transpose(1, 2), v_ct.transpose(1, 2),
+                                        full, scale=d**-0.5)
+                del full
+                state[:, i0:i1, :, :d] = out.transpose(1, 2)
+                state[:, i0:i1, :, d] = lse.transpose(1, 2)
+                state[:, i0:i1, :, d + 1] = 1
+                if len(exact):  # every key of my block masked: upstream's round-off, see _exact
+                    state[exact, i0:i1] = _exact(q_c[exact], k_ct[exact], v_ct[exact], bias[exact],
+                                                 key_bias[exact], d)
         return state
+
+
+def _exact(q, k, v, bias, key_bias, d: int) -> torch.Tensor:
+    """Unnormalised state [B', rows, H, D+2] scored in upstream's order, qk / sqrt(D) + bias +
+    key mask bias: for queries whose keys here are all masked, whose result (when no other
+    block has a key) is upstream's average at its round-off, not a kernel's."""
+    attn = torch.einsum("bihd,bjhd->bhij", q, k)
+    attn.div_(d**0.5).add_(bias).add_(key_bias)
+    m_blk = attn.amax(dim=-1, keepdim=True)
+    p_blk = attn.sub_(m_blk).exp_()
+    return torch.cat([torch.einsum("bhij,bjhd->bihd", p_blk, v), m_blk.transpose(1, 2),
+                      p_blk.sum(dim=-1, keepdim=True).transpose(1, 2)], dim=-1)
 
 
 def _real_keys(layout: TokenLayout, n: int) -> int:

@@ -6,7 +6,8 @@ Placements (mesh axes cp_i, cp_j): m [B, S, N, C_m] MSA in, S on cp_i and N on c
 tokens have mask 0, so they add nothing to the sums, and pad outputs are finite (the bias).
 Communication per call on a square p x p mesh (s = S/p, n = N/p): one Cannon ring (distributed/cannon.py `align`
 plus p steps) over two operands, a = [proj_a(m) * mask, mask] [B, s, n, c_hidden + 1] and
-b = [proj_b(m) * mask, mask] [B, s, n, c_hidden + 1], in at least fp32: per rank 2(p-1)
+b = [proj_b(m) * mask, mask] [B, s, n, c_hidden + 1], in at least fp32 (bf16 under
+precision=bf16-mixed, where their values are bf16 already): per rank 2(p-1)
 "ring_shift" messages (p-1 on ring_j, p-1 on ring_i), 1 "transpose" message (0 on rank
 (0, 0)), 1 "skew" message (0 on mesh column 0). Per forward on 2x2: 13 messages, on 3x3: 50;
 on 1x1: none. Only O(S * N * c_hidden / P) data moves; the c_hidden^2 outer product never does.
@@ -40,6 +41,7 @@ from boltz_cp.distributed import (
     transpose_exchange,
 )
 from boltz_cp.distributed.cannon import align
+from boltz_cp.layers._precision import wire_dtype
 
 # The per-step outer product is projected CHUNK_CHANNELS a-channels at a time on every tile size
 # ([B, n, n, 4 * c_hidden]: one z tile's worth at Boltz-2 widths), so the transient is a fixed
@@ -67,8 +69,10 @@ class OuterProductMean(_UpstreamOuterProductMean):
         # NOTE(parity): upstream casts with .float(); promote to at least fp32 so fp64 stays fp64.
         dtype = torch.promote_types(m_tile.dtype, torch.float32)
         mask_tile = mask_tile.to(dtype)
-        a_tile = torch.cat([self.proj_a(m_tile).to(dtype) * mask_tile, mask_tile], dim=-1).contiguous()
-        b_tile = torch.cat([self.proj_b(m_tile).to(dtype) * mask_tile, mask_tile], dim=-1).contiguous()
+        device_type = m_tile.device.type
+        wire = wire_dtype(device_type, dtype)  # bf16 under bf16-mixed: the ring blocks halve
+        a_tile = torch.cat([self.proj_a(m_tile).to(dtype) * mask_tile, mask_tile], dim=-1).to(wire).contiguous()
+        b_tile = torch.cat([self.proj_b(m_tile).to(dtype) * mask_tile, mask_tile], dim=-1).to(wire).contiguous()
 
         c = self.c_hidden
         n_j = b_tile.shape[2]
@@ -77,12 +81,13 @@ class OuterProductMean(_UpstreamOuterProductMean):
             chunk_size = min(c, CHUNK_CHANNELS)
         # NOTE(parity): upstream projects z.to(m) in m's dtype; here in the promoted dtype.
         weight = self.proj_o.weight.to(dtype)
-        out = a_tile.new_zeros((a_tile.shape[0], n_i, n_j, weight.shape[0]))
-        num = a_tile.new_zeros((a_tile.shape[0], n_i, n_j))
+        out = a_tile.new_zeros((a_tile.shape[0], n_i, n_j, weight.shape[0]), dtype=dtype)
+        num = a_tile.new_zeros((a_tile.shape[0], n_i, n_j), dtype=dtype)
 
         def accumulate(a_blk: torch.Tensor, b_blk: torch.Tensor) -> None:
             """out += proj_o.weight @ sum_s a (x) b; num += sum_s mask (x) mask (one block pair)."""
-            num.add_(torch.einsum("bsi,bsj->bij", a_blk[..., c], b_blk[..., c]))
+            with torch.autocast(device_type, enabled=False):  # counts stay exact (bf16: only to 256)
+                num.add_(torch.einsum("bsi,bsj->bij", a_blk[..., c].to(dtype), b_blk[..., c].to(dtype)))
             a_val, b_val = a_blk[..., :c], b_blk[..., :c]
             for i in range(0, c, chunk_size):
                 z = torch.einsum("bsic,bsjd->bijcd", a_val[..., i:i + chunk_size], b_val)

@@ -18,6 +18,9 @@ sum_q V[r, q] W[q, c] with V[r, q] = v[S_r, N_q] (held by (r, q)) and W[q, c] = 
 (held by (c, q): the transposed operand). Pad tokens j >= layout.n are excluded from the
 softmax outright (not given the mask bias), so every real position equals upstream's, masked
 rows included (they average uniformly over the N real tokens); pad outputs are finite.
+No attention kernel (`boltz_cp.kernels`): the weights softmax_j(b) do not depend on the MSA
+row, so they are normalised once per tile and the rest is one GEMM per ring step; there is no
+per-row score block to fuse away.
 """
 
 from __future__ import annotations

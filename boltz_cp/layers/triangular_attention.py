@@ -38,8 +38,13 @@ for the ending node on the transposed grid), then kv blocks are broadcast on the
 (C of them for the starting node, R for the ending node) and bias blocks on the other ring,
 segment by segment of the key axis.
 
+Each (query-row chunk, key block) pair is one `boltz_cp.kernels.attend_block` call with the
+triangle bias shared by every row (kernels.attention picks the backend): the fused backend
+never materialises scores, the torch backend holds one chunk's [rows, H, n, n] score block.
+
 Memory per rank: O(n^2) tiles (q, k, v, the output accumulator, two kv and two bias buffers)
-plus the score block of one query-row chunk, [B, rows, H, n, n]; no tensor has a full N dim.
+plus, with the torch backend, the score block of one query-row chunk, [rows, H, n, n]; no
+tensor has a full N dim.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from boltz_cp.distributed import (
     skew,
     transpose_exchange,
 )
+from boltz_cp.kernels import attend_block
 from boltz_cp.layers import _softmax
 from boltz_cp.layers._dtensor import like
 
@@ -152,23 +158,56 @@ def _attend(mod, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, kv_ri
             continue
         # NOTE(parity): pad keys are dropped outright (not given the -inf mask bias).
         kv_m, bias_m = kv_m[:, :, :valid], bias_m[:, :, :valid]
-        k = kv_m[..., :hd].unflatten(-1, (heads, width)).permute(0, 1, 3, 4, 2)  # [B,i,H,d,k]
+        k = kv_m[..., :hd].unflatten(-1, (heads, width)).permute(0, 1, 3, 2, 4)  # [B,i,H,k,d]
         v = kv_m[..., hd:2 * hd].unflatten(-1, (heads, width)).permute(0, 1, 3, 2, 4)
-        mask_bias = (mod.inf * (kv_m[..., -1] - 1))[:, :, None, None, :]  # [B, i, 1, 1, k]
-        tri_bias = bias_m.permute(0, 3, 1, 2).unsqueeze(1)  # [B, 1, H, j, k]
-        for i0 in range(0, n, rows):
-            i1 = min(i0 + rows, n)
-            # Same association as upstream: (q k^T + mask bias) + triangle bias.
-            scores = torch.matmul(q[:, i0:i1], k[:, i0:i1])
-            scores += mask_bias[:, i0:i1]
-            scores += tri_bias
-            _softmax.merge_(state[:, i0:i1], _softmax.partial_(scores, v[:, i0:i1]))
-            del scores
+        tri_bias = bias_m.permute(0, 3, 1, 2)  # [B, H, j, k]
+        for b in range(bsz):
+            _attend_rows(mod, q[b], k[b], v[b], kv_m[b, ..., -1], tri_bias[b:b + 1], state[b], rows)
 
     o = _softmax.finalize_(state).permute(0, 1, 3, 2, 4).reshape(bsz, n, n_j, hd)
     if att.linear_g is not None:
         o = o * torch.sigmoid(_linear(att.linear_g, x_ln))
     return _linear(att.linear_o, o)
+
+
+def _attend_rows(mod, q, k, v, key_ok, tri_bias, state, rows: int) -> None:
+    """Merge one key block into the state of my query rows (one batch element).
+
+    q [n_i, H, n_j, d] (already scaled), k, v [n_i, H, k, d], key_ok [n_i, k] the pair mask,
+    tri_bias [1, H, n_j, k]. Rows whose mask is the block's common key mask (every row of a
+    real token: the pair mask is t[i] t[k]) go through `attend_block` with that mask folded
+    into the shared bias as a finite -inf column; any other row (a masked token's, whose keys
+    are all masked) is scored as upstream does, so it keeps upstream's round-off exactly.
+    """
+    col = key_ok.amax(dim=0)  # [k] keys valid for some row
+    regular = (key_ok == col).all(dim=-1) & bool(col.any())
+    # One contiguous [1, H, n_j, k] bias per block: every row chunk reads it again.
+    bias = (tri_bias if bool(col.all()) else tri_bias + mod.inf * (col - 1)).contiguous()
+    for i0 in range(0, q.shape[0], rows):
+        i1 = min(i0 + rows, q.shape[0])
+        reg = regular[i0:i1]
+        part = None
+        if bool(reg.any()):
+            out, lse = attend_block(q[i0:i1], k[i0:i1], v[i0:i1], bias, scale=1.0, shared_bias=True)
+            part = _softmax.from_output(out, lse)
+        if not bool(reg.all()):
+            idx = (~reg).nonzero().flatten()
+            exact = _masked_rows(mod, q[i0:i1][idx], k[i0:i1][idx], v[i0:i1][idx],
+                                 key_ok[i0:i1][idx], tri_bias)
+            if part is None:
+                part = exact
+            else:
+                part.max[idx], part.sum[idx], part.acc[idx] = exact.max, exact.sum, exact.acc
+        _softmax.merge_(state[i0:i1], part)
+
+
+def _masked_rows(mod, q, k, v, key_ok, tri_bias) -> _softmax.SoftmaxState:
+    """The materialised partial of a few rows with their own key mask, in upstream's order:
+    (q k^T + mask bias) + triangle bias."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    scores += (mod.inf * (key_ok - 1))[:, None, None, :]
+    scores += tri_bias
+    return _softmax.partial_(scores, v)
 
 
 def _cannon_blocks(kv_tile, bias_tile, layout: TokenLayout, kv_ring: str, bias_ring: str):

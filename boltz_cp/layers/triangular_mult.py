@@ -4,7 +4,8 @@ Placements (mesh axes cp_i, cp_j): x [B, N, N, C] PAIR in/out; mask [B, N, N] PA
 mask, padding 0). N is padded to layout.n_padded; pad tokens have mask 0, so they add nothing
 to the sums, and their outputs are finite. Any R x C mesh: on a non-square one the product
 runs on the SUMMA schedule (distributed/cannon.py), after one transpose of the mis-placed operand.
-Communication per call on a square mesh (n = N/p, tile [B, n, n, C] in at least fp32; see distributed/cannon.py):
+Communication per call on a square mesh (n = N/p, tile [B, n, n, C] in at least fp32, bf16
+under precision=bf16-mixed (accumulated in fp32); see distributed/cannon.py):
 per rank 2(p-1) "ring_shift" messages (p-1 on ring_j, p-1 on ring_i), 1 "transpose" message
 (the transpose fused with the skew of the mis-placed operand; 0 on rank (0, 0)), 1 "skew"
 message (0 on mesh row 0 for outgoing, column 0 for incoming). Per forward on 2x2: 13
@@ -27,6 +28,7 @@ from boltz.model.layers import triangular_mult as upstream
 from boltz_cp.distributed import PAIR, TokenLayout, check_placements
 from boltz_cp.distributed.cannon import cannon_matmul
 from boltz_cp.layers._dtensor import like
+from boltz_cp.layers._precision import wire_dtype
 
 
 def _forward(module, x: DTensor, mask: DTensor, layout: TokenLayout, outgoing: bool) -> DTensor:
@@ -39,13 +41,16 @@ def _forward(module, x: DTensor, mask: DTensor, layout: TokenLayout, outgoing: b
     x_tile = x_tile * mask.to_local().unsqueeze(-1)
     # NOTE(parity): upstream casts with .float(); promote to at least fp32 so fp64 stays fp64.
     dtype = torch.promote_types(x_tile.dtype, torch.float32)
-    a_tile, b_tile = torch.chunk(x_tile.to(dtype), 2, dim=-1)
+    device_type = x_tile.device.type
+    # Under bf16-mixed the operands (and the ring blocks) are bf16, accumulated in fp32.
+    a_tile, b_tile = torch.chunk(x_tile.to(wire_dtype(device_type, dtype)), 2, dim=-1)
     if outgoing:  # A[r,c] = a[I_r, K_c] as [B, C, i, k]; sent B block b[., K_c] as [B, C, k, j]
         a_blk, b_blk = a_tile.permute(0, 3, 1, 2), b_tile.permute(0, 3, 2, 1)
     else:  # sent A block a[K_r, .] as [B, C, i, k]; B[r,c] = b[K_r, J_c] as [B, C, k, j]
         a_blk, b_blk = a_tile.permute(0, 3, 2, 1), b_tile.permute(0, 3, 1, 2)
-    o_tile = cannon_matmul(a_blk, b_blk, layout.mesh, a_transposed=not outgoing,
-                           b_transposed=outgoing).permute(0, 2, 3, 1)
+    with torch.autocast(device_type, enabled=False):
+        o_tile = cannon_matmul(a_blk, b_blk, layout.mesh, a_transposed=not outgoing,
+                               b_transposed=outgoing, out_dtype=dtype).permute(0, 2, 3, 1)
     out_tile = module.p_out(module.norm_out(o_tile)) * module.g_out(x_in_tile).sigmoid()
     return like(x, out_tile)
 

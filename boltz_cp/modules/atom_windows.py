@@ -29,6 +29,7 @@ from torch.nn.functional import one_hot
 
 from boltz_cp.distributed.halo import halo_exchange
 from boltz_cp.distributed.mesh import CPMesh
+from boltz_cp.kernels import attend_block
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,10 @@ def window_attention(attn: nn.Module, b: Tensor, k_in: Tensor, bias: Tensor, key
     """Upstream AttentionPairBias (compute_pair_bias=False) on windows, promoted to >= fp32.
 
     b [Bw, W, C] queries; k_in [Bw, H, C] keys; bias [Bw, W, H, heads]; key_mask [Bw, H]
-    (1 = attend). Same parameters and op order as upstream; upstream casts to fp32 with
-    autocast off, here the compute dtype is promote(input, fp32), so fp64 stays fp64.
+    (1 = attend). Same parameters as upstream; the scores are one `attend_block` call
+    (kernels.attention picks the backend; the key mask joins the bias as a finite -1e9 column).
+    Upstream casts to fp32 with autocast off, here the compute dtype is promote(input, fp32),
+    so fp64 stays fp64.
     """
     bw = b.shape[0]
     heads, d = attn.num_heads, attn.head_dim
@@ -151,12 +154,19 @@ def window_attention(attn: nn.Module, b: Tensor, k_in: Tensor, bias: Tensor, key
     g = attn.proj_g(b).sigmoid()
     ct = torch.promote_types(torch.promote_types(q.dtype, bias.dtype), torch.float32)
     with torch.autocast(b.device.type, enabled=False):
-        logits = torch.einsum("bihd,bjhd->bhij", q.to(ct), k.to(ct))
-        logits = logits / (d**0.5) + bias.to(ct)
-        logits = logits + (1 - key_mask[:, None, None].to(ct)) * -attn.inf
-        weights = logits.softmax(dim=-1)
-        o = torch.einsum("bhij,bjhd->bihd", weights, v.to(ct)).to(v.dtype)
-    return attn.proj_o(g * o.reshape(bw, -1, attn.c_s))
+        q, k, v_ct, bias = q.to(ct), k.to(ct), v.to(ct), bias.to(ct)
+        key_bias = (1 - key_mask[:, None, None].to(ct)) * -attn.inf  # finite, as upstream's
+        out, _ = attend_block(q.transpose(1, 2), k.transpose(1, 2), v_ct.transpose(1, 2),
+                              bias + key_bias, scale=d**-0.5)
+        o = out.transpose(1, 2)
+        empty = (key_mask == 0).all(dim=-1).nonzero().flatten()
+        if len(empty):  # windows with no key (padding): upstream's average at its round-off
+            logits = torch.einsum("bihd,bjhd->bhij", q[empty], k[empty])
+            logits = logits / (d**0.5) + bias[empty]
+            logits = logits + key_bias[empty]
+            o = o.clone()
+            o[empty] = torch.einsum("bhij,bjhd->bihd", logits.softmax(dim=-1), v_ct[empty])
+    return attn.proj_o(g * o.to(v.dtype).reshape(bw, -1, attn.c_s))
 
 
 def atom_transformer(transformer: nn.Module, q: Tensor, c: Tensor, bias: Tensor,

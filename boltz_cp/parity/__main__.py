@@ -2,7 +2,8 @@
 
 Run plainly for a 1x1 mesh, or under `torchrun --nproc-per-node K` for the mesh given by
 ``--mesh RxC`` (default: the most square R x C with R*C = K, e.g. 2x2 for 4, 2x3 for 6). Prints `MODULE tokens=N mesh=RxC dtype=... max_abs_err=... max_rel_err=... PASS|FAIL`
-on rank 0 and exits 1 if any case fails (2 on a usage error).
+on rank 0 and exits 1 if any case fails (2 on a usage error). ``--kernels torch|fused|...``
+picks the CP side's attention block kernel, as the setting kernels.attention does.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import sys
 
 from boltz_cp.errors import BoltzCPError, ConfigError
+from boltz_cp.kernels import BACKENDS, set_backend
 
 
 def _parser(names: list[str]) -> argparse.ArgumentParser:
@@ -24,6 +26,8 @@ def _parser(names: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=300, help="process-group timeout (s)")
     p.add_argument("--mesh", default="auto", help="RxC (rows*cols = number of processes) or auto")
+    p.add_argument("--kernels", choices=list(BACKENDS), default="auto",
+                   help="attention block kernel of the CP side (kernels.attention; default auto)")
     return p
 
 
@@ -41,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         check_mesh_size(rows, cols, world)
         if any(n < 1 for n in args.tokens):
             raise ConfigError("--tokens must be positive")
+        set_backend(args.kernels)
         init_distributed(args.timeout, "cpu")
         mesh = CPMesh.build(rows, cols)
         failed = 0
