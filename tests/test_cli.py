@@ -39,7 +39,7 @@ EXPECTED_KEYS = {
     "affinity_checkpoint", "sampling_steps_affinity", "diffusion_samples_affinity", "affinity_mw_correction",
     "dp", "use_msa_server", "msa_server_url", "msa_pairing_strategy", "msa_server_username",
     "msa_server_password", "api_key_header", "api_key_value", "msa_server_timeout_s",
-    "gpu_memory_gb", "check_memory",
+    "gpu_memory_gb", "check_memory", "kernels",
     "plots", "weights_url",
 }
 
