@@ -29,7 +29,7 @@ def few_block_hparams() -> dict:
     """The `full` preset with 2 pairformer blocks, 1 MSA block, 1 template block."""
     import copy
 
-    from boltz_cp.models.checkpoint import PRESETS
+    from boltz_cp.models.presets import PRESETS
 
     hp = copy.deepcopy(PRESETS["full"])
     hp["pairformer_args"]["num_blocks"] = 2

@@ -278,9 +278,8 @@ def count_params() -> None:
     """Recount PARAMS_BASE / PARAMS_PER_BLOCK by building Boltz2CP (needs boltz_cp; ~1 min)."""
     import copy
 
-    from boltz_cp.models.presets import apply_blocks
     from boltz_cp.models.boltz2 import Boltz2CP
-    from boltz_cp.models.checkpoint import PRESETS
+    from boltz_cp.models.presets import PRESETS, apply_blocks
 
     def count(**blocks):
         hp = copy.deepcopy(PRESETS["full"])

@@ -22,7 +22,8 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from boltz_cp.errors import BoltzCPError
-    from boltz_cp.models.checkpoint import PRESETS, describe_preset, make_random_checkpoint
+    from boltz_cp.models.checkpoint import describe_preset, make_random_checkpoint
+    from boltz_cp.models.presets import PRESETS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="checkpoint file to write (e.g. random-tiny.ckpt)")
@@ -56,9 +57,8 @@ def _register_blocks_preset(preset: str, spec: str) -> str:
     is what the checkpoint records as its random preset."""
     import copy
 
-    from boltz_cp.cli.bench import apply_blocks
     from boltz_cp.errors import ConfigError
-    from boltz_cp.models.checkpoint import PRESETS
+    from boltz_cp.models.presets import PRESETS, apply_blocks
 
     blocks = {}
     for item in spec.split(","):

@@ -81,9 +81,9 @@ def test_report_feeds_the_model(tiny_report):
 
 
 def test_bench_settings():
-    from boltz_cp.cli.bench import apply_blocks, main, validate_bench
+    from boltz_cp.cli.bench import main, validate_bench
     from boltz_cp.cli.config import compose_config
-    from boltz_cp.models.checkpoint import PRESETS
+    from boltz_cp.models.presets import PRESETS, apply_blocks
 
     hp = copy.deepcopy(PRESETS["full"])
     used = apply_blocks(hp, {"pairformer": 2, "token_transformer": 3}, limit_to_existing=True)

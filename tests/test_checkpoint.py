@@ -12,6 +12,7 @@ import torch
 
 from boltz_cp.errors import CheckpointError, ConfigError
 from boltz_cp.models import checkpoint as C
+from boltz_cp.models.presets import PRESETS
 
 REPO = Path(__file__).resolve().parent.parent
 PREDICT = {"recycling_steps": 1, "sampling_steps": 2, "diffusion_samples": 1, "max_parallel_samples": None}
@@ -136,7 +137,7 @@ def test_inference_overrides(tiny):
         msa_overrides={"subsample_msa": True, "num_subsampled_msa": 7},
     )
     assert model.structure_module.step_scale == 1.7
-    assert model.structure_module.noise_scale == C.PRESETS["tiny"]["diffusion_process_args"]["noise_scale"]
+    assert model.structure_module.noise_scale == PRESETS["tiny"]["diffusion_process_args"]["noise_scale"]
     # steering: upstream's BoltzSteeringParams defaults under ours
     assert model.steering_args["fk_steering"] is True and model.steering_args["contact_guidance_update"] is True
     assert model.msa_module.subsample_msa is True and model.msa_module.num_subsampled_msa == 7
@@ -220,9 +221,9 @@ def test_presets_sample_like_upstream_predict():
     """The presets' diffusion params are what upstream's `boltz predict` passes for Boltz-2."""
     from boltz.main import Boltz2DiffusionParams, PairformerArgsV2
 
-    for preset in C.PRESETS.values():
+    for preset in PRESETS.values():
         assert preset["diffusion_process_args"] == asdict(Boltz2DiffusionParams())
-    full = C.PRESETS["full"]
+    full = PRESETS["full"]
     assert full["pairformer_args"]["num_blocks"] == PairformerArgsV2().num_blocks == 64
     assert full["pairformer_args"]["num_heads"] == PairformerArgsV2().num_heads
 
@@ -257,7 +258,7 @@ REAL_BOLTZ2_PARAMETERS = 506_724_992
 def test_full_preset_builds_the_released_architecture():
     import copy
 
-    model = C.build_model(copy.deepcopy(C.PRESETS["full"]))
+    model = C.build_model(copy.deepcopy(PRESETS["full"]))
     assert len(model.pairformer_module.layers) == 64
     assert len(model.msa_module.layers) == 4
     assert len(model.template_module.pairformer.layers) == 2

@@ -25,7 +25,8 @@ def test_confidence_parity_float64(run_on_mesh, side):
 
 def test_confidence_state_dict_is_upstreams():
     """Same keys, same order, as upstream's confidence_module; loads strictly."""
-    from boltz_cp.models.checkpoint import PRESETS, build_model
+    from boltz_cp.models.checkpoint import build_model
+    from boltz_cp.models.presets import PRESETS
     from boltz_cp.modules.confidence import ConfidenceModule
 
     model = build_model(PRESETS["tiny"])
@@ -64,7 +65,8 @@ def _guarded_confidence(mesh, feats, hparams):
 
 
 def test_confidence_allocates_no_full_size_tensor_on_2x2(run_on_mesh, guard_features):
-    from boltz_cp.models.checkpoint import PRESETS, build_model
+    from boltz_cp.models.checkpoint import build_model
+    from boltz_cp.models.presets import PRESETS
 
     hparams = dict(build_model(PRESETS["tiny"]).hparams)
     assert guard_features["token_pad_mask"].shape[1] == GUARD_TOKENS
@@ -76,7 +78,8 @@ def test_confidence_allocates_no_full_size_tensor_on_2x2(run_on_mesh, guard_feat
 
 def test_confidence_guard_fires_on_1x1(run_on_mesh, guard_features):
     """Control: on 1x1 the tile is the whole N x N, so the same guard must report it."""
-    from boltz_cp.models.checkpoint import PRESETS, build_model
+    from boltz_cp.models.checkpoint import build_model
+    from boltz_cp.models.presets import PRESETS
 
     hparams = dict(build_model(PRESETS["tiny"]).hparams)
     ((violations, finite),) = run_on_mesh(_guarded_confidence, 1, 1, guard_features, hparams, timeout=300)

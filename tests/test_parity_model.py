@@ -47,7 +47,8 @@ def test_potentials_steer_the_reference():
 def test_model_state_dict_is_upstreams():
     """Every key of upstream Boltz2 (tiny preset: no affinity) loads strictly, none is added."""
     from boltz_cp.models.boltz2 import Boltz2CP
-    from boltz_cp.models.checkpoint import PRESETS, build_model
+    from boltz_cp.models.checkpoint import build_model
+    from boltz_cp.models.presets import PRESETS
 
     model = build_model(PRESETS["tiny"])
     cp = Boltz2CP.from_upstream(model)

@@ -25,7 +25,8 @@ def test_trunk_parity_float64(run_on_mesh, side):
 
 def test_trunk_state_dict_is_upstreams():
     """Every trunk key of upstream Boltz2, and no other, loads strictly."""
-    from boltz_cp.models.checkpoint import PRESETS, build_model
+    from boltz_cp.models.checkpoint import build_model
+    from boltz_cp.models.presets import PRESETS
     from boltz_cp.models.trunk import TRUNK_MODULES, Boltz2Trunk
 
     model = build_model(PRESETS["tiny"])
@@ -38,7 +39,8 @@ def test_trunk_state_dict_is_upstreams():
 
 def _guarded_trunk(mesh, feats):
     from boltz_cp.distributed import TokenLayout
-    from boltz_cp.models.checkpoint import PRESETS, build_model
+    from boltz_cp.models.checkpoint import build_model
+    from boltz_cp.models.presets import PRESETS
     from boltz_cp.models.trunk import Boltz2Trunk, TrunkInputs
     from boltz_cp.parity.guards import FullSizeGuard
 

@@ -27,7 +27,7 @@ def _peak(n, rows, cols, precision="fp32", **opts):
 
 def test_constants_are_read_from_the_code():
     from boltz_cp.layers import transition, triangular_attention
-    from boltz_cp.models.checkpoint import PRESETS
+    from boltz_cp.models.presets import PRESETS
     from boltz_cp.plan import memory
 
     assert memory.SCORE_BLOCK_PER_TILE is triangular_attention.SCORE_BLOCK_PER_TILE
