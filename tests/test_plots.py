@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from recording_log import RecordingLog
 
 from boltz_cp import plots
 
@@ -24,16 +25,6 @@ def test_block_mean_exact():
 
 def test_chain_spans():
     assert plots.chain_spans(np.array([0, 0, 0, 1, 1, 2, 0])) == [(0, 0, 3), (1, 3, 5), (2, 5, 6), (0, 6, 7)]
-
-
-class _Log:
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, msg):
-        self.lines.append(msg)
-
-    warn = __call__
 
 
 def _constant_lines(ax, axis: str) -> list[float]:
@@ -64,7 +55,7 @@ def test_write_plots_ranked_valid_pngs(tmp_path):
         "pae": torch.rand(2, n, n, generator=g) * 30,
         "confidence_score": torch.tensor([0.2, 0.9]),  # model 1 is ranked first
     }
-    log = _Log()
+    log = RecordingLog()
     written = plots.write_plots(pred, torch.tensor(asym), {0: "A", 1: "B"}, "x", tmp_path, log)
     names = sorted(p.name for p in written)
     assert names == ["pae_x_model_0.png", "pae_x_model_1.png", "plddt_x_model_0.png", "plddt_x_model_1.png"]
@@ -83,7 +74,7 @@ def test_write_plots_ranked_valid_pngs(tmp_path):
 def test_missing_matplotlib_warns_once(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "available", lambda: False)
     monkeypatch.setattr(plots, "_warned", False)
-    log = _Log()
+    log = RecordingLog()
     pred = {"plddt": torch.rand(1, 4), "pae": torch.rand(1, 4, 4)}
     for _ in range(2):
         assert plots.write_plots(pred, torch.zeros(4), {0: "A"}, "x", tmp_path, log) == []

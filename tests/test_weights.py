@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from recording_log import RecordingLog
 
 from boltz_cp.cli import weights as W
 
@@ -81,16 +82,6 @@ def server(boltz_cache):
     s.close()
 
 
-class _Log:
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, msg):
-        self.lines.append(msg)
-
-    warn = __call__
-
-
 def _cfg(url: str, **kw) -> SimpleNamespace:
     return SimpleNamespace(checkpoint=None, affinity_checkpoint=None, weights_url=url, **kw)
 
@@ -119,7 +110,7 @@ def test_only_what_the_run_needs(tmp_path):
 def _share_one_download(url: str, cache: str):
     import torch.distributed as dist
 
-    log = _Log()
+    log = RecordingLog()
     got = W.ensure_downloads(_cfg(url), Path(cache), True, dist.get_rank(), log)  # one node: LOCAL_RANK = rank
     return got, sorted(p.name for p in Path(cache).iterdir()), log.lines
 
@@ -143,7 +134,7 @@ def test_four_ranks_download_each_file_once(run_on_world, server, tmp_path):
 def test_cut_off_download_leaves_nothing_trusted(server, tmp_path):
     cache = tmp_path / "cache"
     server.cut.add(W.CHECKPOINT_NAME)
-    log = _Log()
+    log = RecordingLog()
     assert W.ensure_downloads(_cfg(server.url), cache, False, 0, log) == [W.MOLS_TAR]
     assert _trusted(cache) == {W.MOLS_TAR, "mols"}  # no checkpoint, no temporary left
     assert [line for line in log.lines if "WARNING" in line] == [
@@ -159,7 +150,7 @@ def test_bad_files_are_not_trusted(server, tmp_path):
     server.files[W.CHECKPOINT_NAME] = b"<html>not a checkpoint</html>"
     whole = server.files[W.MOLS_TAR]
     server.files[W.MOLS_TAR] = whole[: len(whole) // 2]  # a short tar, served as complete
-    log = _Log()
+    log = RecordingLog()
     assert W.ensure_downloads(_cfg(server.url), cache, False, 0, log) == []
     assert _trusted(cache) == set(), _trusted(cache)
     assert any("not a torch checkpoint" in line for line in log.lines)
