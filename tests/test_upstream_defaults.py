@@ -27,13 +27,9 @@ NOT_OURS = {
     "num_workers": "no dataloader: each input is featurized in the process that folds it",
     "preprocessing_threads": "inputs are parsed by the mesh that folds them, one at a time",
     "model": "Boltz-2 only (boltz1 is not ported); our `model` group is model.backend, another thing",
-    "no_kernels": "cuequivariance kernels are never used (pure PyTorch, DESIGN.md)",
+    "no_kernels": "`kernels.attention` (auto | torch | fused | cueq) picks the attention kernel; "
+                  "cuEquivariance is opt-in (cueq), not the default as upstream's kernels are",
 }
-
-# Upstream's MSA-server options (issue 15 item 1 adds them): compared as soon as
-# configs/predict.yaml has them.
-MSA_SERVER = ("use_msa_server", "msa_server_url", "msa_pairing_strategy", "msa_server_username",
-              "msa_server_password", "api_key_header", "api_key_value")
 
 # Settings whose default deliberately differs: (upstream's effective default, ours, why).
 DEVIATIONS = {
@@ -48,6 +44,9 @@ MAPPED = (
     "output_format", "override", "use_potentials", "method", "affinity_mw_correction",
     "sampling_steps_affinity", "diffusion_samples_affinity", "max_msa_seqs", "subsample_msa",
     "num_subsampled_msa", "write_embeddings",
+    # the MSA server client's options
+    "use_msa_server", "msa_server_url", "msa_pairing_strategy", "msa_server_username",
+    "msa_server_password", "api_key_header", "api_key_value",
 )
 
 
@@ -116,7 +115,7 @@ def _ours(name: str, cfg, cache: Path):
 
 def test_every_upstream_option_is_accounted_for():
     upstream = set(upstream_defaults())
-    listed = set(NOT_OURS) | set(MSA_SERVER) | set(DEVIATIONS) | set(MAPPED)
+    listed = set(NOT_OURS) | set(DEVIATIONS) | set(MAPPED)
     assert upstream - listed == set(), "new upstream options: map them or say why not"
     assert listed - upstream == set(), "stale entries: upstream has no such option"
     cfg = compose_config([])
@@ -131,9 +130,8 @@ def test_defaults_equal_upstream(monkeypatch):
     upstream = upstream_defaults()
     cfg = compose_config([])
     cache = _ours("cache", cfg, Path())
-    names = [*MAPPED, *(k for k in MSA_SERVER if k in cfg)]
     diffs = {}
-    for name in names:
+    for name in MAPPED:
         want, got = _effective(name, upstream[name], cache), _ours(name, cfg, cache)
         if want != got:
             diffs[name] = (want, got)
