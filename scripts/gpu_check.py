@@ -52,24 +52,15 @@ BIG = 900
 # ----------------------------------------------------------------------------------------------
 
 
-def _kernels_setting() -> bool:
-    """Does configs/predict.yaml have kernels.attention (h13cpu's setting)?"""
-    from boltz_cp.cli.config import compose_config
-
-    cfg = compose_config([])
-    return "kernels" in cfg and "attention" in cfg.kernels
-
-
 def _predict_argv(inp, out, *settings) -> list[str]:
     return ["predict", str(inp), f"out_dir={out}", *settings]
 
 
-def build_plan(work: Path, sizes: list[int], device: str = "cuda") -> tuple[list[dict], list[str]]:
+def build_plan(work: Path, sizes: list[int], device: str = "cuda") -> list[dict]:
     """The steps, in order: {name, section, argv, timeout, notes, runs?, world}."""
     example = REPO / "examples" / "multichain.yaml"
     tiny, few = work / "tiny.ckpt", work / "full_few_blocks.ckpt"
     cache = f"cache={work / 'cache'}"
-    notes: list[str] = []
     me = [PY, str(Path(__file__).resolve())]
     common_b = (f"device={device}", "precision=fp32", "recycling_steps=1", "sampling_steps=20",
                 "diffusion_samples=1", "seed=0", f"checkpoint={tiny}", cache)
@@ -80,10 +71,6 @@ def build_plan(work: Path, sizes: list[int], device: str = "cuda") -> tuple[list
     c_runs = [{"name": "cp 2x2 (4 ranks, gloo, one GPU)",
                "argv": _predict_argv(example, work / "c_cp", *common_b, "model.backend=cp", "mesh=2x2",
                                      "dist_backend=gloo")}]
-    kernels = _kernels_setting()
-    if not kernels:
-        notes.append("NOTE: configs/predict.yaml has no kernels.attention setting in this build: "
-                     "step (d) runs the cp model once, with whatever attention it has")
     common_d = (f"device={device}", "precision=bf16-mixed", "recycling_steps=0", "sampling_steps=2",
                 "diffusion_samples=1", "seed=0", f"checkpoint={few}", cache, "write_full_pae=false",
                 "write_full_pde=false")
@@ -93,16 +80,15 @@ def build_plan(work: Path, sizes: list[int], device: str = "cuda") -> tuple[list
         {"name": "warm-up cp", "warmup": True,
          "argv": _predict_argv(example, work / "d_warm_cp", *common_d, "model.backend=cp")},
     ]
-    variants = [("cp " + k, (f"kernels.attention={k}",)) for k in ("torch", "fused", "cueq")] if kernels \
-        else [("cp", ())]
+    variants = [("cp " + k, f"kernels.attention={k}") for k in ("torch", "fused", "cueq")]
     for n in sizes:
         inp = work / "inputs" / f"synthetic_{n}.yaml"
         d_runs.append({"name": "reference", "n": n,
                        "argv": _predict_argv(inp, work / f"d_{n}_ref", *common_d, "model.backend=reference")})
-        for name, extra in variants:
-            d_runs.append({"name": name, "n": n, "kernel": extra[0].split("=")[1] if extra else None,
+        for name, setting in variants:
+            d_runs.append({"name": name, "n": n, "kernel": setting.split("=")[1],
                            "argv": _predict_argv(inp, work / f"d_{n}_{name.replace(' ', '_')}", *common_d,
-                                                 "model.backend=cp", *extra)})
+                                                 "model.backend=cp", setting)})
     torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
     steps = [
         {"name": "env", "section": "env", "argv": me + ["--step", "env", "--json", str(work / "env.json")],
@@ -128,7 +114,7 @@ def build_plan(work: Path, sizes: list[int], device: str = "cuda") -> tuple[list
          "timeout": 420, "notes": f"N = {sizes} (synthetic 4-chain proteins), bf16-mixed, 0 recycles, 2 steps; "
                                   "variants in one process after untimed warm-ups"},
     ]
-    return steps, notes
+    return steps
 
 
 def validate_plan(steps: list[dict]) -> list[str]:
@@ -174,7 +160,7 @@ def validate_plan(steps: list[dict]) -> list[str]:
     return problems
 
 
-def print_plan(steps: list[dict], notes: list[str], budget: float) -> None:
+def print_plan(steps: list[dict], budget: float) -> None:
     print(f"GPU check plan (budget {budget:.0f} s; each step's timeout is cut to what is left):")
     for i, step in enumerate(steps):
         print(f"\n[{i}] ({step['section']}) {step['name']}  timeout {step['timeout']} s  -- {step['notes']}")
@@ -183,8 +169,6 @@ def print_plan(steps: list[dict], notes: list[str], budget: float) -> None:
             tag = " (warm-up, untimed)" if run.get("warmup") else ""
             n = f" N={run['n']}" if "n" in run else ""
             print(f"      run{n} {run['name']}{tag}: boltz_cp " + shlex.join(run["argv"]))
-    for note in notes:
-        print("\n" + note)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,21 +215,18 @@ def step_kernels(out: Path, dev: str = "cuda") -> None:
     import torch
 
     from boltz_cp.kernels import cuda as kc
+    from boltz_cp.kernels.attention import attend_block
 
     torch.backends.cuda.matmul.allow_tf32 = False  # as upstream predict ("highest")
     torch.backends.cudnn.allow_tf32 = False
     sc = D ** -0.5
-    try:
-        from boltz_cp.kernels.attention import attend_block
-    except ImportError:
-        attend_block = None
-    fns = {}
-    if attend_block is not None:
-        fns["torch"] = lambda q, k, v, b: attend_block(q, k, v, b, scale=sc, shared_bias=True, backend="torch")
-        fns["auto"] = lambda q, k, v, b: attend_block(q, k, v, b, scale=sc, shared_bias=True, backend="auto")
-    fns["fused"] = lambda q, k, v, b: kc.efficient_block(q, k, v, b, scale=sc)
-    fns["cueq"] = lambda q, k, v, b: kc.cueq_block(q, k, v, b, scale=sc)
-    res = {"accuracy": [], "timing": [], "missing": [] if attend_block else ["torch", "auto"]}
+    fns = {
+        "torch": lambda q, k, v, b: attend_block(q, k, v, b, scale=sc, shared_bias=True, backend="torch"),
+        "auto": lambda q, k, v, b: attend_block(q, k, v, b, scale=sc, shared_bias=True, backend="auto"),
+        "fused": lambda q, k, v, b: kc.efficient_block(q, k, v, b, scale=sc),
+        "cueq": lambda q, k, v, b: kc.cueq_block(q, k, v, b, scale=sc),
+    }
+    res = {"accuracy": [], "timing": []}
 
     def save():
         out.write_text(json.dumps(res, indent=1))
@@ -481,8 +462,6 @@ def _section_a(k: dict) -> list[str]:
             lines.append(f"| {r['dtype']} | {r['shape']} | {r['backend']} | {_fmt(r['out_err'])} | "
                          f"{_fmt(r['lse_err'])} | {r['masked_out_finite']} | {r['masked_lse']:.4g} | "
                          f"{'yes' if r['ok'] else 'NO'} |")
-    if k.get("missing"):
-        lines.append(f"\nNot run: {', '.join(k['missing'])} (boltz_cp.kernels.attention not in this build).")
     lines += ["", f"Block {BIG} rows x {H} heads x {BIG} queries x {BIG} keys, D {D} (5 calls after one warm-up):", "",
               "| dtype | backend | ms per call | peak extra MiB |", "|---|---|---|---|"]
     for r in k.get("timing", []):
@@ -556,12 +535,12 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python scripts/gpu_check.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     work = args.work or Path(tempfile.mkdtemp(prefix="boltz_cp_gpu_check_"))
-    steps, notes = build_plan(work.resolve(), args.sizes, args.device)
+    steps = build_plan(work.resolve(), args.sizes, args.device)
     if args.only:
         keep = set(args.only.split(","))
         steps = [s for s in steps if s["section"] in keep]
     if args.dry_run:
-        print_plan(steps, notes, args.budget_s)
+        print_plan(steps, args.budget_s)
         problems = validate_plan(steps)
         for p in problems:
             print(f"PROBLEM: {p}")
