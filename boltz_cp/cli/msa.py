@@ -37,7 +37,8 @@ class ServerMsas:
         asking = [i for i in pending if may_need_server(files[i])]
         done = None
         if rank == 0:
-            done = [files[i].name for i in asking if self._fetch_one(files[i], mol_dir, seed, i in mine, head)]
+            # rank 0 keeps every answer: the memory check sizes every pending input (cli/plan.py)
+            done = [files[i].name for i in asking if self._fetch_one(files[i], mol_dir, seed, True, head)]
         # Each input may take the client's deadline twice (paired, unpaired), plus parsing.
         deadline = len(asking) * (2 * self.server.timeout_s + 120) + timeout_s
         self.ready = set(faults.share_from_rank0(done, deadline, name="msa/done"))
