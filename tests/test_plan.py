@@ -160,6 +160,7 @@ def server_input(tmp_path):
     """A protein chain without an MSA: use_msa_server=true would fill it."""
     path = tmp_path / "needs_server.yaml"
     path.write_text(f"version: 1\nsequences:\n  - protein:\n      id: A\n      sequence: {SERVER_SEQ}\n")
+    (tmp_path / "empty.yaml").write_text(path.read_text() + "      msa: empty\n")  # single sequence
     return path
 
 
@@ -212,6 +213,34 @@ def test_memory_settings_are_validated_up_front(server_input, capsys):
         err = capsys.readouterr().err
         assert err.startswith("boltz_cp: error:") and len(err.strip().splitlines()) == 1, err
         assert args[-2 if "check_memory=false" in args else -1].split("=")[0] in err, err
+
+
+def _check_with_rank_budget(path: str, mols: str, gbs: list):
+    """check_fits on a 1x1 mesh with this rank's gpu_memory_gb: the error or 'fits'."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from boltz_cp.cli.config import compose_config
+    from boltz_cp.cli.plan import check_fits
+    from boltz_cp.errors import ConfigError
+
+    cfg = compose_config([f"gpu_memory_gb={gbs[dist.get_rank()]}", "model.backend=cp", "precision=fp32"],
+                         name="predict")
+    try:
+        check_fits(cfg, [Path(path)], Path(mols), torch.device("cpu"), SimpleNamespace(rows=1, cols=1))
+    except ConfigError as e:
+        return str(e)
+    return "fits"
+
+
+def test_ranks_agree_on_the_budget(run_on_world, server_input, boltz_cache):
+    """One rank with less memory than the others: every rank refuses (gloo, 4 ranks)."""
+    gbs = [1, 1000, 1000, 1000]  # 1 GB: below weights + allowance
+    got = run_on_world(_check_with_rank_budget, 4, str(server_input.with_name("empty.yaml")),
+                       str(boltz_cache / "mols"), gbs, timeout=120)
+    assert all("needs a predicted" in g and "1.0 GB" in g for g in got), got
 
 
 # -- predict refuses what the plan says cannot fit (end-to-end CLI, torchrun on CPU) -----------

@@ -131,8 +131,9 @@ def check_fits(cfg: DictConfig, files: list[Path], mol_dir: Path, device, mesh, 
     agreed = _agree_min(float("inf") if budget is None else budget, device, cfg.timeout_s)
     if agreed == float("inf"):
         return
-    if budget is None or agreed < budget:
-        budget, source = agreed, "the smallest free memory of the ranks' devices"
+    if cfg.get("gpu_memory_gb") is None and agreed < float("inf") and agreed != budget:
+        source = "the smallest free memory of the job's devices"
+    budget = agreed
     from boltz_cp.plan import GB, plan_mesh, smallest_fit
 
     hp, kernels = run_hyper(cfg), plan_kernels(cfg)
