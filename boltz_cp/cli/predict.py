@@ -179,7 +179,7 @@ def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
             + (", ".join(files[i].name for i in mine) or "none"))
     failures: list[tuple[int, str]] = []  # (input index, message), on the writer
     msas = ServerMsas(cfg, cache)  # use_msa_server: rank 0 fetches for every mesh (cli/msa.py)
-    msas.fetch(files, pending, mine, mol_dir, cfg.seed, mesh.rank, head, cfg.timeout_s)
+    msas.fetch(files, pending, mol_dir, cfg.seed, mesh.rank, head, cfg.timeout_s)
 
     def fail(i: int, e: BoltzCPError) -> None:
         failures.append((i, str(e)))
