@@ -116,10 +116,12 @@ def test_fold_from_server_2x2_then_1x1_from_the_cache(tmp_path, boltz_cache, tin
         out2 = tmp_path / "out2x2"
         r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
                   "-m", "boltz_cp", "predict", str(inputs / "a.yaml"), "mesh=2x2", f"out_dir={out2}", *common,
-                  "msa_server_username=alice", f"msa_server_password={PASSWORD}"], env, timeout=600)
+                  "msa_server_username=alice", f"msa_server_password={PASSWORD}",
+                  "gpu_memory_gb=1000"], env, timeout=600)  # the memory check sizes it from the fetched MSAs
         assert r.returncode == 0, r.stderr[-3000:]
         assert (out2 / "boltz_results_a" / "predictions" / "a" / "a_model_0.cif").exists()
         assert dict(server.submissions) == {"ticket/pair": 1, "ticket/msa": 1}  # one rank asked, once
+        assert "memory check: a.yaml (" in r.stderr and "MSA depth 1 " not in r.stderr, r.stderr[-3000:]
         msa = (out2 / "boltz_results_a" / "processed" / "msa")
         assert len(list(msa.glob("a_*.npz"))) == 2
         written = (out2 / "boltz_results_a" / "boltz_cp_config.yaml").read_text()

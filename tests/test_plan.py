@@ -66,11 +66,51 @@ def test_rectangular_against_square():
 
 def test_fused_kernel_drops_the_score_block():
     g = geometry(3605, 2, 2)
-    torch_terms = dict(stage_memory(g, BOLTZ2, "bf16")["pairformer"])
-    fused_terms = dict(stage_memory(g, BOLTZ2, "bf16", MemOptions(kernels="fused"))["pairformer"])
+    torch_terms = dict(stage_memory(g, BOLTZ2, "bf16", MemOptions(kernels="torch"))["pairformer"])
+    fused_terms = dict(stage_memory(g, BOLTZ2, "bf16")["pairformer"])
     assert any("score block" in w for w in torch_terms)
     assert not any("score block" in w for w in fused_terms)
-    assert _peak(3605, 2, 2, "bf16", kernels="fused") < _peak(3605, 2, 2, "bf16")
+    assert _peak(3605, 2, 2, "bf16", kernels="fused") < _peak(3605, 2, 2, "bf16", kernels="torch")
+
+
+def test_defaults_are_the_code_as_built():
+    """predict runs fused attention (kernels.attention=auto) and bf16 Cannon operands under
+    bf16-mixed: the model's defaults and `plan_kernels` say the same."""
+    from omegaconf import OmegaConf
+
+    from boltz_cp.cli.plan import plan_kernels
+    from boltz_cp.plan.memory import AS_BUILT
+
+    assert AS_BUILT.kernels == "fused" and AS_BUILT.cannon_act_dtype and AS_BUILT.label() == "as implemented"
+    assert MemOptions(kernels="torch").label() == "kernels=torch"
+    for attention, kind in (("auto", "fused"), ("fused", "fused"), ("cueq", "fused"), ("torch", "torch")):
+        assert plan_kernels(OmegaConf.create({"kernels": {"attention": attention}})) == kind
+    assert plan_mesh(PI4KA, 2, 2).kernels == "fused"
+    # bf16 Cannon blocks hold less than fp32 ones at bf16-mixed; at fp32 the option changes nothing
+    assert _peak(3605, 2, 2, "bf16") <= _peak(3605, 2, 2, "bf16", cannon_act_dtype=False)
+    assert _peak(3605, 2, 2, "fp32") == _peak(3605, 2, 2, "fp32", cannon_act_dtype=False)
+
+
+def test_samples_at_once_follow_max_parallel_samples():
+    """Upstream chunks the samples as torch.arange(S).chunk(S % mps + 1): the first chunk is
+    denoised at once and sets the step's memory; s/sample still divides by S."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from boltz_cp.cli.plan import run_hyper
+    from boltz_cp.plan.model import samples_at_once
+
+    for s in range(1, 13):
+        for mps in (None, 1, 2, 3, 5, 8):
+            assert samples_at_once(s, mps) == len(torch.arange(s).chunk(s % (mps or s) + 1)[0]), (s, mps)
+    cfg = OmegaConf.create({"recycling_steps": 3, "sampling_steps": 200, "diffusion_samples": 6,
+                            "max_parallel_samples": 5})
+    hp = run_hyper(cfg)
+    assert (hp.samples, hp.samples_at_once) == (6, 3)
+    g = geometry(3605, 2, 2)
+    sampling = {k: memory_summary(g, BOLTZ2.with_run(samples=s, samples_at_once=a), "bf16")["stages"]["sampling"]
+                for k, (s, a) in {"25/5": (25, 5), "5/5": (5, 5), "5/1": (5, 1)}.items()}
+    assert sampling["25/5"] == sampling["5/5"] > sampling["5/1"]
 
 
 def test_fit_decisions_at_the_issue_cases():
@@ -112,6 +152,97 @@ def test_plan_cli_on_the_3605_input(boltz_cache):
     assert not list(boltz_cache.glob("*.ckpt"))
 
 
+SERVER_SEQ = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
+
+
+@pytest.fixture()
+def server_input(tmp_path):
+    """A protein chain without an MSA: use_msa_server=true would fill it."""
+    path = tmp_path / "needs_server.yaml"
+    path.write_text(f"version: 1\nsequences:\n  - protein:\n      id: A\n      sequence: {SERVER_SEQ}\n")
+    (tmp_path / "empty.yaml").write_text(path.read_text() + "      msa: empty\n")  # single sequence
+    return path
+
+
+class _FetchedMsas:
+    """What predict's ServerMsas hands to the check: attach() points the chain at fetched MSAs
+    (here 7 distinct rows, as the server's CSV)."""
+
+    def attach(self, path, target, folder):
+        from boltz_cp.data.msa_server import attach_msas
+
+        rows = [SERVER_SEQ] + [SERVER_SEQ[:i] + "W" + SERVER_SEQ[i + 1:] for i in range(1, 7)]
+        attach_msas(target, {"0": "key,sequence\n" + "".join(f",{r}\n" for r in rows)}, folder)
+
+
+def test_server_msas_are_sized(server_input, boltz_cache):
+    """predict sizes a server-MSA input from the MSAs it fetched; `plan` (nothing fetched)
+    assumes max_msa_seqs rows for the chains the server would fill, and says so."""
+    import io
+
+    from boltz_cp.cli.config import compose_config
+    from boltz_cp.cli.plan import plan, read_sizes
+    from boltz_cp.errors import InputError
+    from boltz_cp.plan.inputs import input_size
+
+    mols = boltz_cache / "mols"
+    with pytest.raises(InputError, match="no MSA"):
+        input_size(server_input, mols)
+    fetched = input_size(server_input, mols, msas=_FetchedMsas())
+    assert (fetched.msa_depth, fetched.msa_assumed) == (7, ())
+    cfg = compose_config([f"cache={boltz_cache}", "use_msa_server=true", "max_msa_seqs=4096"], name="plan")
+    [assumed] = read_sizes(cfg, [server_input], mols)
+    assert (assumed.tokens, assumed.msa_depth, assumed.msa_assumed) == (fetched.tokens, 4096, ("A",))
+    out = io.StringIO()
+    assert plan(cfg, str(server_input), out=out) == 0
+    assert "MSA depth 4,096 sequences" in out.getvalue() and "ASSUMED max_msa_seqs=4,096 deep for chain(s) A" \
+        in out.getvalue(), out.getvalue()
+
+
+def test_memory_settings_are_validated_up_front(server_input, capsys):
+    """predict checks gpu_memory_gb even with check_memory=false; plan checks precision and
+    kernels.attention with predict's choices."""
+    from boltz_cp.cli.main import main
+
+    for args in (["predict", str(server_input), "gpu_memory_gb=-1", "check_memory=false"],
+                 ["predict", str(server_input), "check_memory=maybe"],
+                 ["plan", str(server_input), "kernels.attention=bogus"],
+                 ["plan", str(server_input), "precision=fp16"],
+                 ["plan", str(server_input), "gpu_memory_gb=0"]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("boltz_cp: error:") and len(err.strip().splitlines()) == 1, err
+        assert args[-2 if "check_memory=false" in args else -1].split("=")[0] in err, err
+
+
+def _check_with_rank_budget(path: str, mols: str, gbs: list):
+    """check_fits on a 1x1 mesh with this rank's gpu_memory_gb: the error or 'fits'."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from boltz_cp.cli.config import compose_config
+    from boltz_cp.cli.plan import check_fits
+    from boltz_cp.errors import ConfigError
+
+    cfg = compose_config([f"gpu_memory_gb={gbs[dist.get_rank()]}", "model.backend=cp", "precision=fp32"],
+                         name="predict")
+    try:
+        check_fits(cfg, [Path(path)], Path(mols), torch.device("cpu"), SimpleNamespace(rows=1, cols=1))
+    except ConfigError as e:
+        return str(e)
+    return "fits"
+
+
+def test_ranks_agree_on_the_budget(run_on_world, server_input, boltz_cache):
+    """One rank with less memory than the others: every rank refuses (gloo, 4 ranks)."""
+    gbs = [1, 1000, 1000, 1000]  # 1 GB: below weights + allowance
+    got = run_on_world(_check_with_rank_budget, 4, str(server_input.with_name("empty.yaml")),
+                       str(boltz_cache / "mols"), gbs, timeout=120)
+    assert all("needs a predicted" in g and "1.0 GB" in g for g in got), got
+
+
 # -- predict refuses what the plan says cannot fit (end-to-end CLI, torchrun on CPU) -----------
 
 REFUSE_TOKENS = 400
@@ -131,19 +262,19 @@ def refuse_input(tmp_path_factory, boltz_cache):
 def _refusal_budget(size, rows, cols):
     """gpu_memory_gb between the mesh's predicted total (fp32 on CPU) and a 4x4 mesh's: refused
     on RxC, and the smallest mesh that fits is named."""
-    here = plan_mesh(size, rows, cols, precision="fp32").total
-    bigger = plan_mesh(size, 4, 4, precision="fp32").total
+    here = plan_mesh(size, rows, cols, precision="fp32", kernels="fused").total
+    bigger = plan_mesh(size, 4, 4, precision="fp32", kernels="fused").total
     budget = (here + bigger) / 2
-    best = smallest_fit(size, budget, precision="fp32")
+    best = smallest_fit(size, budget, precision="fp32", kernels="fused")
     assert best is not None and best.geometry.ranks > rows * cols
     return f"{budget / GB:.4f}", best.geometry.label
 
 
-def _refusal_args(path, tmp_path, cache, gb, *extra):
+def _refusal_args(path, tmp_path, cache, gb, *extra, backend="cp"):
     # the checkpoint does not exist: a run that got to loading weights would say so instead
     return ["predict", str(path), f"out_dir={tmp_path / 'out'}", f"cache={cache}",
             f"checkpoint={tmp_path / 'absent.ckpt'}", "recycling_steps=0", "sampling_steps=2",
-            f"gpu_memory_gb={gb}", *extra]
+            f"gpu_memory_gb={gb}", f"model.backend={backend}", *extra]
 
 
 def _assert_refused(stderr: str, size, mesh: str, best: str, ranks: int) -> None:
@@ -176,6 +307,12 @@ def test_predict_refuses_before_weights_on_1x1(tmp_path, refuse_input, boltz_cac
                         *_refusal_args(path, tmp_path, boltz_cache, gb, "check_memory=false")],
                        capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
     assert r.returncode == 2 and "absent.ckpt" in r.stderr and "needs a predicted" not in r.stderr, r.stderr[-2000:]
+    # model.backend=reference (upstream's model, not modelled): no check, one line says so
+    r = subprocess.run([sys.executable, "-m", "boltz_cp",
+                        *_refusal_args(path, tmp_path, boltz_cache, gb, backend="reference")],
+                       capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
+    assert r.returncode == 2 and "absent.ckpt" in r.stderr and "needs a predicted" not in r.stderr, r.stderr[-2000:]
+    assert "memory check skipped: model.backend=reference" in r.stderr + r.stdout, r.stderr[-2000:]
 
 
 def test_predict_refuses_before_weights_on_2x2_torchrun(tmp_path, refuse_input, boltz_cache):

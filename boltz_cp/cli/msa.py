@@ -27,8 +27,8 @@ class ServerMsas:
         self.ready: set[str] = set()
         self.local: dict[str, dict] = {}
 
-    def fetch(self, files: list[Path], pending: list[int], mine: list[int], mol_dir: Path, seed: int,
-              rank: int, head, timeout_s: float) -> None:
+    def fetch(self, files: list[Path], pending: list[int], mol_dir: Path, seed: int, rank: int, head,
+              timeout_s: float) -> None:
         """Every rank, once, before any model loads: rank 0 fetches, the others wait for it."""
         from boltz_cp.data.msa_server import may_need_server
 
@@ -37,12 +37,13 @@ class ServerMsas:
         asking = [i for i in pending if may_need_server(files[i])]
         done = None
         if rank == 0:
-            done = [files[i].name for i in asking if self._fetch_one(files[i], mol_dir, seed, i in mine, head)]
+            # rank 0 keeps every answer: the memory check sizes every pending input (cli/plan.py)
+            done = [files[i].name for i in asking if self._fetch_one(files[i], mol_dir, seed, head)]
         # Each input may take the client's deadline twice (paired, unpaired), plus parsing.
         deadline = len(asking) * (2 * self.server.timeout_s + 120) + timeout_s
         self.ready = set(faults.share_from_rank0(done, deadline, name="msa/done"))
 
-    def _fetch_one(self, path: Path, mol_dir: Path, seed: int, keep: bool, head) -> bool:
+    def _fetch_one(self, path: Path, mol_dir: Path, seed: int, head) -> bool:
         from boltz_cp.data.ccd import ensure_molecules
         from boltz_cp.data.inputs import parse_target, required_ccd_codes
         from boltz_cp.data.msa_server import FetchStats, fetch_msas
@@ -65,8 +66,7 @@ class ServerMsas:
         finally:
             faults.set_input(None)
         faults.share_from_rank0(value, 60, name=f"msa/{path.name}")
-        if keep:
-            self.local[path.name] = value
+        self.local[path.name] = value
         return True
 
     def attach(self, path: Path, target, folder: Path) -> None:

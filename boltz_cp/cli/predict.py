@@ -71,6 +71,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"affinity_mw_correction must be true or false, got {cfg.affinity_mw_correction!r}")
     if cfg.max_parallel_samples is not None and cfg.max_parallel_samples < 1:
         raise ConfigError("max_parallel_samples must be at least 1 (or null)")
+    from boltz_cp.cli.plan import validate_memory_settings
+
+    validate_memory_settings(cfg)
     if not isinstance(cfg.dp, int) or isinstance(cfg.dp, bool) or cfg.dp < 1:
         raise ConfigError(f"dp must be a positive integer, got {cfg.dp!r}")
     if cfg.timeout_s <= 0:
@@ -138,7 +141,13 @@ def predict(cfg: DictConfig, input_arg: str) -> None:
 
 def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
     """This mesh's share of the inputs; returns (failures of every mesh, files, job log, out)."""
-    from boltz_cp.cli.weights import ensure_downloads, wants_affinity
+    from boltz_cp.cli.weights import (
+        AFFINITY_CHECKPOINT_NAME,
+        CHECKPOINT_NAME,
+        MOLS_TAR,
+        ensure_downloads,
+        wants_affinity,
+    )
     from boltz_cp.data.ccd import ensure_molecules
     from boltz_cp.data.inputs import collect_inputs, required_ccd_codes
     from boltz_cp.models.checkpoint import default_cache, default_checkpoint_path
@@ -156,7 +165,8 @@ def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
     ckpt = Path(cfg.checkpoint).expanduser() if cfg.checkpoint else default_checkpoint_path(cache)
     out = Path(cfg.out_dir).expanduser() / f"boltz_results_{input_path.stem}"
     mol_dir = cache / "mols"
-    ensure_downloads(cfg, cache, wants_affinity(files), ctx.local_rank, head)  # every rank
+    affinity = wants_affinity(files)
+    ensure_downloads(cfg, cache, affinity, ctx.local_rank, head, only=(MOLS_TAR,))  # every rank; weights later
 
     meshes = f"{mesh.dp} meshes of {mesh.rows}x{mesh.cols}" if mesh.dp > 1 else f"mesh {mesh.rows}x{mesh.cols}"
     head(f"{len(files)} input(s), {meshes}, device {ctx.device}, precision {precision}")
@@ -169,7 +179,7 @@ def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
             + (", ".join(files[i].name for i in mine) or "none"))
     failures: list[tuple[int, str]] = []  # (input index, message), on the writer
     msas = ServerMsas(cfg, cache)  # use_msa_server: rank 0 fetches for every mesh (cli/msa.py)
-    msas.fetch(files, pending, mine, mol_dir, cfg.seed, mesh.rank, head, cfg.timeout_s)
+    msas.fetch(files, pending, mol_dir, cfg.seed, mesh.rank, head, cfg.timeout_s)
 
     def fail(i: int, e: BoltzCPError) -> None:
         failures.append((i, str(e)))
@@ -185,9 +195,10 @@ def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
         except InputError as e:
             fail(i, e)
     faults.set_input(None)
-    from boltz_cp.cli.plan import check_fits  # the plan's memory check, before any weights load
+    from boltz_cp.cli.plan import check_fits  # the plan's memory check, before any weights download or load
 
-    check_fits(cfg, [files[i] for i in pending], mol_dir, ctx.device, mesh)
+    check_fits(cfg, [files[i] for i in pending], mol_dir, ctx.device, mesh, msas, head)
+    ensure_downloads(cfg, cache, affinity, ctx.local_rank, head, only=(CHECKPOINT_NAME, AFFINITY_CHECKPOINT_NAME))
     if todo:
         model, affinity_model, precision = _load_models(cfg, [files[i] for i in todo], cache, ckpt, ctx.device,
                                                         precision, log, writer_rank)

@@ -136,12 +136,16 @@ def fetch(name: str, cache: Path, mirror: str | None, log) -> None:
             raise
 
 
-def ensure_downloads(cfg, cache: Path, affinity: bool, local_rank: int, log) -> list[str]:
-    """Every rank of the world: the node's LOCAL_RANK 0 downloads what `needed` lists, the others
-    wait. Returns the names this rank downloaded; failures are warnings (see the module doc)."""
+def ensure_downloads(cfg, cache: Path, affinity: bool, local_rank: int, log,
+                     only: tuple[str, ...] | None = None) -> list[str]:
+    """Every rank of the world: the node's LOCAL_RANK 0 downloads what `needed` lists (of `only`,
+    when given), the others wait. Returns the names this rank downloaded; failures are warnings
+    (see the module doc)."""
     done = []
     if local_rank == 0:
         for name in needed(cfg, cache, affinity):
+            if only is not None and name not in only:
+                continue
             cache.mkdir(parents=True, exist_ok=True)
             try:
                 fetch(name, cache, cfg.weights_url, log)

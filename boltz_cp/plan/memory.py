@@ -10,9 +10,9 @@ my own block (for its broadcast turn) next to the current and the prefetched one
 per operand where Cannon keeps two; and the generic `transpose_exchange` holds its receive
 buffers and the contiguous copies of the pieces it sends next to the result.
 
-kernels: 'torch' is the attention as implemented (score blocks materialised); 'fused' is a
-fused kernel (KERNELS.md §6.1: no score block, only the block output and its LSE) --
-PREDICTED, not measured here.
+kernels: 'fused' (the default, kernels.attention=auto/fused/cueq) keeps no score block, only the
+block output and its LSE (KERNELS.md §6.1); 'torch' (kernels.attention=torch) materialises the
+score blocks.
 """
 
 from __future__ import annotations
@@ -81,17 +81,18 @@ class MemOptions:
     held_before_confidence: bool = False
     release_inputs: bool = False  # callers drop their reference to a block's input z (pass ownership)
     tri_att_act_dtype: bool = False  # triangle attention's x_ln, k|v, q in the activation dtype (state fp32)
-    cannon_act_dtype: bool = False  # triangle multiplication's Cannon blocks in the activation dtype (acc fp32)
+    cannon_act_dtype: bool = True  # triangle multiplication's Cannon blocks in the activation dtype (acc fp32)
     score_block_per_tile: float = SCORE_BLOCK_PER_TILE  # score block size relative to the tile
-    kernels: str = "torch"  # attention kernels: torch (as built) | fused (PREDICTED)
+    kernels: str = "fused"  # attention kernels: fused (the default) | torch (score blocks materialised)
 
     def label(self) -> str:
-        parts = [k for k in ("held_before_confidence", "release_inputs", "tri_att_act_dtype", "cannon_act_dtype")
-                 if getattr(self, k)]
+        """What differs from the code as built ("as implemented" when nothing does)."""
+        parts = [f"{k}={getattr(self, k)}" for k in ("held_before_confidence", "release_inputs", "tri_att_act_dtype",
+                                                      "cannon_act_dtype") if getattr(self, k) != getattr(AS_BUILT, k)]
         if self.score_block_per_tile != SCORE_BLOCK_PER_TILE:
             parts.append(f"score_block_per_tile={self.score_block_per_tile:g}")
-        if self.kernels != "torch":
-            parts.append(f"kernels={self.kernels} (predicted)")
+        if self.kernels != AS_BUILT.kernels:
+            parts.append(f"kernels={self.kernels}")
         return " + ".join(parts) or "as implemented"
 
 
@@ -124,7 +125,7 @@ def triangle_attention_terms(g: Geometry, c: int, hp: Hyper, dt: Dtypes, opts: M
     else:
         # one query-row chunk's output [rows, H, m, d] + LSE; no score block
         rows = min(g.n, max(1, int(opts.score_block_per_tile * c) // h))
-        what, loop = "tri-att: fused kernel's chunk output + LSE (PREDICTED)", rows * g.m * (hd + h) * dt.F
+        what, loop = "tri-att: fused kernel's chunk output + LSE", rows * g.m * (hd + h) * dt.F
     if g.ranks > 1:
         what += " + next k|v|mask, bias in flight"
         loop += _tile(g, 2 * hd + 1 + h, op)
@@ -261,8 +262,8 @@ def stage_memory(g: Geometry, hp: Hyper = BOLTZ2, precision: str = "fp32",
     samp = list(after)
     if dt.A != dt.F:
         samp.append(("token_trans_bias in fp32 (score model's _at_least_fp32)", _tile(g, ttb, dt.F)))
-    samp.append(("one denoising step (calibrated per atom x samples)",
-                 g.local_atoms * ATOM_BYTES_STEP * hp.samples * dt.F / 4))
+    samp.append(("one denoising step (calibrated per atom x samples at once)",
+                 g.local_atoms * ATOM_BYTES_STEP * hp.samples_at_once * dt.F / 4))
     out["sampling"] = samp + res("sampling")
 
     conf = conf_keep + [z("confidence z (stack input)"), z("z (current)")]

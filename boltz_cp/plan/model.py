@@ -64,7 +64,8 @@ class Hyper:
     templates: int = 1  # templates T (the featurizer gives one all-masked template when none)
     recycling_steps: int = 3
     sampling_steps: int = 200
-    samples: int = 1  # diffusion samples denoised at once (multiplicity)
+    samples: int = 1  # diffusion samples of the run (time per sample divides by it)
+    samples_at_once: int = 1  # of those, denoised together per step (sets the step's memory)
     atoms_per_token: float = 8.4  # featurize_lean on synthetic proteins: 8,384 atoms / 1,000 tokens
 
     @property
@@ -78,6 +79,14 @@ class Hyper:
 
     def with_run(self, **settings) -> Hyper:
         return replace(self, **settings)
+
+
+def samples_at_once(samples: int, max_parallel_samples: int | None) -> int:
+    """Samples upstream's sampler denoises together: `torch.arange(samples).chunk(samples %
+    max_parallel_samples + 1)`, the first chunk (None: all at once)."""
+    samples = max(samples, 1)
+    pieces = samples % (max_parallel_samples or samples) + 1
+    return -(-samples // pieces)
 
 
 BOLTZ2 = Hyper(**_full())

@@ -28,6 +28,7 @@ class RunSize:
     atoms: int
     msa_depth: int  # sequences in the input's deepest MSA (1: single sequence)
     msa_rows: int  # rows the MSA module sees after max_msa_seqs / subsampling
+    msa_assumed: tuple[str, ...] = ()  # chains whose MSA the server would give, assumed max_msa_seqs deep
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def meshes(gpus: int, aspect: int = MAX_ASPECT) -> list[tuple[int, int]]:
 
 
 def plan_mesh(size: RunSize, rows: int, cols: int, hp: Hyper = BOLTZ2, precision: str = "bf16",
-              kernels: str = "torch", gpus_per_node: int = GPUS_PER_NODE) -> MeshPlan:
+              kernels: str = "fused", gpus_per_node: int = GPUS_PER_NODE) -> MeshPlan:
     """Predictions for `size` on an R x C mesh; a mesh of more ranks than a node spans nodes
     (one tile row per node: ring_i and transposes on InfiniBand)."""
     hp = hp.with_run(msa_rows=size.msa_rows, atoms_per_token=size.atoms / max(size.tokens, 1))
@@ -76,7 +77,7 @@ def plan_mesh(size: RunSize, rows: int, cols: int, hp: Hyper = BOLTZ2, precision
                     ring_traffic(g, hp, precision))
 
 
-def plan_all(sizes: list[RunSize], gpus: int, hp: Hyper = BOLTZ2, precision: str = "bf16", kernels: str = "torch",
+def plan_all(sizes: list[RunSize], gpus: int, hp: Hyper = BOLTZ2, precision: str = "bf16", kernels: str = "fused",
              gpus_per_node: int = GPUS_PER_NODE) -> dict[tuple[int, int], list[MeshPlan]]:
     """Every input on every mesh of `meshes(gpus)`."""
     return {(r, c): [plan_mesh(s, r, c, hp, precision, kernels, gpus_per_node) for s in sizes]
@@ -110,7 +111,7 @@ class Option:
 
 
 def options(sizes: list[RunSize], gpus: int, hp: Hyper = BOLTZ2, precision: str = "bf16",
-            kernels: str = "torch", gpus_per_node: int = GPUS_PER_NODE) -> list[Option]:
+            kernels: str = "fused", gpus_per_node: int = GPUS_PER_NODE) -> list[Option]:
     """One mesh per mesh shape (dp = 1), and for several inputs dp meshes of the shapes that
     divide the GPUs evenly (dp <= inputs)."""
     out = []
@@ -139,7 +140,7 @@ def recommend(opts: list[Option], gpu_bytes: float) -> Option | None:
 
 
 def smallest_fit(size: RunSize, gpu_bytes: float, hp: Hyper = BOLTZ2, precision: str = "bf16",
-                 kernels: str = "torch", max_gpus: int = 1024) -> MeshPlan | None:
+                 kernels: str = "fused", max_gpus: int = 1024) -> MeshPlan | None:
     """The mesh of fewest ranks (then the most square; C <= MAX_ASPECT R) on which `size` fits,
     up to max_gpus."""
     for p in range(1, max_gpus + 1):

@@ -223,7 +223,7 @@ def h100_variant(kind: str, inter_node: bool = False) -> Machine:
     if kind == "tf32":
         return replace(m, contraction_flops=0.45 * 495e12, name=m.name + ", TF32 contractions")
     if kind == "fused":
-        return replace(m, fused_attention=True, name=m.name + ", fused attention kernels (predicted)")
+        return replace(m, fused_attention=True, name=m.name + ", fused attention kernels")
     if kind == "fused+bf16":
         return replace(m, contraction_flops=0.45 * 989e12, fused_attention=True,
                        name=m.name + ", fused bf16 attention kernels")
