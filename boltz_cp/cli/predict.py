@@ -203,7 +203,7 @@ def _predict_mesh(cfg: DictConfig, input_arg: str, ctx, mesh):
         model, affinity_model, precision = _load_models(cfg, [files[i] for i in todo], cache, ckpt, ctx.device,
                                                         precision, log, writer_rank)
     if mesh.rank == 0 and pending:
-        _prepare_results(cfg, out, precision, ctx.device)
+        _prepare_results(cfg, out, precision, ctx)
     for i in todo:
         faults.set_input(files[i].name)
         try:
@@ -263,12 +263,16 @@ def _load_models(cfg, todo: list[Path], cache: Path, ckpt: Path, device, precisi
     return model, affinity_model, precision
 
 
-def _prepare_results(cfg, out: Path, precision: str, device: torch.device) -> None:
+def _prepare_results(cfg, out: Path, precision: str, ctx) -> None:
     """Global rank 0, once: the results folder, stale staging removed, the resolved config (with
-    the precision and device used, not `auto`)."""
+    the precision, device, process-group backend and attention kernel used, not `auto`)."""
+    from boltz_cp.kernels.attention import resolve
+
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out)
-    used = OmegaConf.merge(cfg, {"precision": precision, "device": device.type})
+    kernel = resolve(cfg.kernels.attention, ctx.device, torch.float32)
+    used = OmegaConf.merge(cfg, {"precision": precision, "device": ctx.device.type, "dist_backend": ctx.backend,
+                                 "kernels": {"attention": kernel}})
     _atomic_write_text(out / "boltz_cp_config.yaml", OmegaConf.to_yaml(redacted(used)))  # no secrets
 
 
