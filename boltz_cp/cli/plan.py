@@ -170,7 +170,7 @@ def plan(cfg: DictConfig, input_arg: str, out=sys.stdout) -> int:
     from boltz_cp.data.inputs import collect_inputs
     from boltz_cp.plan import GB, RUNTIME_ALLOWANCE_BYTES, options, recommend, weights_bytes
 
-    from boltz_cp.cli.predict import PRECISIONS
+    from boltz_cp.cli.run import PRECISIONS
     from boltz_cp.kernels import BACKENDS as ATTENTION_BACKENDS
 
     for key, allowed in (("precision", PRECISIONS), ("kernels.attention", ATTENTION_BACKENDS)):

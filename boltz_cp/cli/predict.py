@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from boltz_cp.cli import faults
 from boltz_cp.cli.msa import ServerMsas
 from boltz_cp.cli.progress import Progress
-from boltz_cp.cli.run import model_settings, resolve_precision, run_model
+from boltz_cp.cli.run import PRECISIONS, model_settings, resolve_precision, run_model
 from boltz_cp.data.msa_server import redacted
 from boltz_cp.distributed.mesh import auto_mesh, check_mesh_size
 from boltz_cp.errors import BoltzCPError, CheckpointError, ConfigError, InputError, RankFailure
@@ -39,7 +39,6 @@ from boltz_cp.kernels import BACKENDS as ATTENTION_BACKENDS
 from boltz_cp.kernels import set_backend
 
 BACKENDS = ("auto", "reference", "cp")
-PRECISIONS = ("auto", "fp32", "bf16-mixed")
 FORMATS = ("mmcif", "pdb")
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -18,6 +18,9 @@ import torch
 NOT_GATHERED = ("pdistogram", "relative_position_encoding")
 
 
+PRECISIONS = ("auto", "fp32", "bf16-mixed")
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16-mixed" if device.type == "cuda" else "fp32"
