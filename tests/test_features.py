@@ -25,6 +25,7 @@ from boltz_cp.data.compact import (
     pair_feature_tile,
 )
 from boltz_cp.data.features import featurize_lean
+from boltz_cp.data.msa_compact import MSA_COMPACT_KEYS, MSA_DENSE_KEYS, msa_features_block
 from boltz_cp.data.inputs import ProcessedDirs, featurize, parse_target, prepare_tokenized, write_processed
 from boltz_cp.data.synthetic import synthetic_proteins_yaml
 from boltz_cp.errors import InputError
@@ -110,7 +111,11 @@ def pair(request, tmp_path_factory, boltz_cache):
 def test_shared_features_identical(pair):
     up, lean, *_ = pair
     assert set(DENSE_KEYS) <= set(up) and not set(DENSE_KEYS) & set(lean)
-    assert set(up) - set(DENSE_KEYS) == set(lean) - set(COMPACT_KEYS)
+    assert set(up) - set(DENSE_KEYS) - set(MSA_DENSE_KEYS) == set(lean) - set(COMPACT_KEYS) - set(MSA_COMPACT_KEYS)
+    whole = msa_features_block(lean, slice(0, up["msa"].shape[2]))  # the compact MSA decoded
+    for key in MSA_DENSE_KEYS:
+        assert (up[key].dtype, up[key].shape) == (whole[key].dtype, whole[key].shape), key
+        assert torch.equal(up[key], whole[key]), key
     assert lean["record"] == up["record"]
     for key in set(up) & set(lean) - {"record"}:
         a, b = up[key], lean[key]
@@ -174,14 +179,15 @@ def test_compact_forms_are_what_they_claim(pair):
 
 
 def test_msa_profile_in_blocks(pair, monkeypatch):
-    """The blockwise MSA profile equals upstream's whole-MSA one-hot mean, bit for bit."""
-    from boltz_cp.data import features
+    """The blockwise MSA profile and deletion mean equal upstream's whole-MSA ones, bit for bit."""
+    from boltz_cp.data import msa_compact
 
     up, lean, _, (record, dirs, mol_dir) = pair
     rows = up["msa"].shape[1]
-    monkeypatch.setattr(features, "_PROFILE_CHUNK_BYTES", 8 * 33 * rows * 5)  # 5 tokens a block
+    monkeypatch.setattr(msa_compact, "_CHUNK_BYTES", 8 * 33 * rows * 5)  # 5 tokens a block
     blocked = featurize_lean(record, dirs, mol_dir, seed=5)
     assert torch.equal(blocked["profile"], up["profile"])
+    assert torch.equal(blocked["deletion_mean"], up["deletion_mean"])
     assert torch.equal(blocked["profile"], lean["profile"])
 
 

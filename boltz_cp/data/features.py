@@ -5,10 +5,11 @@ errors, a batch of one) and returns every upstream feature of size O(N), O(M), O
 with identical values and dtypes. Each dense feature is replaced by a compact form; the format
 (keys, shapes, the contact conditioning ops) and its decoders are boltz_cp/data/compact.py.
 
-The MSA profile is computed per block of tokens rather than from a one-hot of the whole MSA
-(upstream: S x N x 33 int64), and the batch dim is added without collate's second copy.
-Upstream featurizer functions are reused where they allocate nothing token x token: ensemble,
-templates, residue/chain/contact constraints, the MSA pairing (O(S*N)), non-polymer frames
+The MSA is kept compact (uint8 residues, per-chain pairing flags, sparse deletions; upstream's
+five S x N features are rebuilt per rank and per block of rows: boltz_cp/data/msa_compact.py),
+its profile is computed per block of tokens, and the batch dim is added without collate's
+second copy. Upstream featurizer functions are reused where they allocate nothing token x token:
+ensemble, templates, residue/chain/contact constraints, the MSA pairing, non-polymer frames
 (atoms x atoms of one ligand chain) and forced-contact atom pairs (binder atoms x pocket atoms).
 """
 
@@ -21,10 +22,10 @@ import torch
 from torch.nn.functional import one_hot
 
 from boltz_cp.data.compact import SET_CHAIN, SET_TOKEN
+from boltz_cp.data.msa_compact import compact_msa_features
 from boltz_cp.errors import InputError
 
 ATOMS_PER_WINDOW = 32  # upstream's atoms_per_window_queries: atoms pad to a multiple of it
-_PROFILE_CHUNK_BYTES = 1 << 25  # int64 one-hot per MSA profile block
 
 
 # --------------------------------------------------------------------------------------------
@@ -34,9 +35,10 @@ _PROFILE_CHUNK_BYTES = 1 << 25  # int64 one-hot per MSA profile block
 def featurize_lean(record, dirs, mol_dir: Path, seed: int, method: str | None = None) -> dict:
     """Tokenize and featurize one record like `inputs.featurize`, with compact pair/atom maps.
 
-    Returns a batch of one: upstream's keys minus `DENSE_KEYS` plus `COMPACT_KEYS` (see
-    boltz_cp/data/compact.py), every shared key equal in value and dtype to `inputs.featurize`.
-    Host memory is O(N + M + S*N + T*N) plus ligand-sized terms; nothing token x token or
+    Returns a batch of one: upstream's keys minus `DENSE_KEYS` and `MSA_DENSE_KEYS` plus
+    `COMPACT_KEYS` and `MSA_COMPACT_KEYS` (see boltz_cp/data/compact.py, msa_compact.py), every
+    shared key equal in value and dtype to `inputs.featurize`.
+    Host memory is O(N + M + S*N bytes + T*N) plus ligand-sized terms; nothing token x token or
     atom x token is allocated.
     """
     from boltz_cp.data.inputs import prepare_tokenized
@@ -69,7 +71,7 @@ def lean_features(data, molecules, random, pocket, contact, method) -> dict:
     )
     features = _token_features(data, pocket, contact, method)
     features.update(_atom_features(data, random, ensemble, molecules))
-    features.update(_msa_features(data, random, const.max_msa_seqs))
+    features.update(compact_msa_features(data, random, const.max_msa_seqs))
     n = len(data.tokens)
     if data.templates:
         features.update(process_template_features(data=data, max_tokens=n))
@@ -415,35 +417,3 @@ def _polymer_frames(tokens, first, names, is_present) -> tuple[np.ndarray, np.nd
         frames[t] = np.asarray(abc) + off
         mask[t] = ok
     return frames, mask
-
-
-# --------------------------------------------------------------------------------------------
-# MSA features (upstream: process_msa_features, without the S x N x 33 one-hot)
-
-
-def _msa_features(data, random, max_seqs: int) -> dict:
-    from boltz.data import const
-    from boltz.data.feature.featurizerv2 import construct_paired_msa
-
-    msa, deletion, paired = construct_paired_msa(data=data, random=random, max_seqs=max_seqs, random_subset=False)
-    msa, deletion, paired = msa.transpose(1, 0), deletion.transpose(1, 0), paired.transpose(1, 0)
-    assert torch.all(msa >= 0) and torch.all(msa < const.num_tokens)
-    s, n = msa.shape
-    profile = torch.empty((n, const.num_tokens), dtype=torch.float)
-    step = max(1, _PROFILE_CHUNK_BYTES // (8 * const.num_tokens * max(s, 1)))
-    for c0 in range(0, n, step):  # counts are exact in f32, so blocks give upstream's bits
-        block = one_hot(msa[:, c0 : c0 + step], num_classes=const.num_tokens)
-        profile[c0 : c0 + step] = block.float().mean(dim=0)
-    msa_mask = torch.ones_like(msa)
-    has_deletion = deletion > 0
-    deletion = np.pi / 2 * np.arctan(deletion / 3)
-    deletion_mean = deletion.mean(axis=0)
-    return {
-        "msa": msa,
-        "msa_paired": paired,
-        "deletion_value": deletion,
-        "has_deletion": has_deletion,
-        "deletion_mean": deletion_mean,
-        "profile": profile,
-        "msa_mask": msa_mask,
-    }

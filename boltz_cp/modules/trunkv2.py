@@ -30,6 +30,7 @@ from torch.nn.functional import one_hot
 
 from boltz.data import const
 from boltz.model.modules import trunkv2 as upstream
+from boltz_cp.data.msa_compact import msa_column_features
 from boltz_cp.distributed import (
     MSA,
     PAIR,
@@ -90,7 +91,10 @@ def msa_column_blocks(feats: dict[str, Tensor], layout: TokenLayout) -> dict[str
     """[B, S, N] MSA features -> my column block [B, S, N/p] of each (N padded with zeros).
 
     O(S * N / p) per rank; no communication. The data path may build these blocks directly.
+    From `featurize_lean`'s compact MSA: lazy blocks, materialised for the rows asked.
     """
+    if "msa_residues" in feats:
+        return msa_column_features(feats, layout)
     out = {}
     for key in MSA_FEATURES:
         value = feats[key]
