@@ -141,7 +141,8 @@ def test_affinity_json_same_on_every_backend_and_mesh(tmp_path, affinity_input, 
     """Reference (1x1) and cp on 1x1 / 2x2 / 3x3 write the same affinity_<id>.json (1e-4), with the
     ensemble's values and upstream's molecular-weight correction of their mean."""
     ref = tmp_path / "ref"
-    r = _run(_args(affinity_input, ref, boltz_cache, tiny_ckpt, affinity_ckpt), timeout=300)
+    r = _run(_args(affinity_input, ref, boltz_cache, tiny_ckpt, affinity_ckpt, "model.backend=reference"),
+             timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tiny-affinity" in r.stderr and "affinity: 34 tokens cropped around the binder" in r.stderr
     want = _affinity(ref)

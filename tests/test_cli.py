@@ -222,8 +222,8 @@ def _assert_cp_equals_reference(tmp_path: Path, inp: Path, cache: Path, ckpt: Pa
     """Reference backend once, then the cp backend on each mesh: the same files within the bar."""
     name = inp.stem
     ref_out = tmp_path / "ref"
-    r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(inp, ref_out, cache, ckpt, *CP_ARGS, *extra)],
-             timeout=300)
+    r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(inp, ref_out, cache, ckpt, *CP_ARGS, *extra,
+                                                               "model.backend=reference")], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     want = _prediction(ref_out, name)
     for rows, cols in meshes:
@@ -291,7 +291,7 @@ def test_full_preset_cp_equals_reference(tmp_path, small_input, boltz_cache):
     ckpt = make_random_checkpoint(tmp_path / "full.ckpt", preset="full", seed=0)
     args = ("recycling_steps=1", "sampling_steps=10", "diffusion_samples=1", "seed=5", "precision=fp32")
     r = _run([sys.executable, "-m", "boltz_cp", *_predict_args(small_input, tmp_path / "ref", boltz_cache, ckpt,
-                                                               *args)], timeout=1800)
+                                                               *args, "model.backend=reference")], timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     want = {0: _prediction(tmp_path / "ref", count=1)[0]}
     for side in (1, 2):

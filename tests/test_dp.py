@@ -54,7 +54,7 @@ def _prediction_files(preds: Path, name: str) -> dict[str, int]:
 
 
 def test_dp2_bad_input_fails_alone_then_resume_rebalances(tmp_path, boltz_cache, tiny_ckpt):
-    """dp=2 on 2 processes (1x1 meshes, auto -> the reference backend on each): the malformed input
+    """dp=2 on 2 processes (1x1 meshes, auto -> the cp backend on each): the malformed input
     fails on its mesh only, both good ones are written, every rank exits non-zero listing the bad
     one. A rerun (override=false) skips the two written inputs untouched and folds the rest."""
     inputs = _inputs(tmp_path / "inputs")
@@ -76,7 +76,7 @@ def test_dp2_bad_input_fails_alone_then_resume_rebalances(tmp_path, boltz_cache,
         assert json.loads((preds / name / f"confidence_{name}_model_0.json").read_text())["confidence_score"] >= 0
     assert not list(out.rglob(".staging-*")) and not list(out.rglob(".old-*"))
     config = (results / "boltz_cp_config.yaml").read_text()
-    assert "dp: 2" in config and "backend: reference" in config
+    assert "dp: 2" in config and "backend: cp" in config
     before = {name: _prediction_files(preds, name) for name in ("a", "b")}
 
     # Resume: the fixed input is the only pending one, so mesh 0 gets it and mesh 1 none.
@@ -106,7 +106,8 @@ def test_dp2_cp_backend(tmp_path, boltz_cache, tiny_ckpt):
     assert all((preds / n / f"{n}_model_0.cif").exists() for n in ("a", "b"))
     # Mesh 1's input equals the serial reference: a message crossing meshes would change it.
     ref = tmp_path / "ref"
-    r = subprocess.run([sys.executable, "-m", "boltz_cp", *_args(inputs / "b.yaml", ref, boltz_cache, tiny_ckpt, steps=10)],
+    r = subprocess.run([sys.executable, "-m", "boltz_cp", *_args(inputs / "b.yaml", ref, boltz_cache, tiny_ckpt,
+                                                                "model.backend=reference", steps=10)],
                        capture_output=True, text=True, timeout=240, env=ENV, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     got, want = _model(preds / "b"), _model(ref / "boltz_results_b" / "predictions" / "b")
@@ -135,8 +136,8 @@ def test_auto_mesh(ranks, mesh):
 
 
 @pytest.mark.parametrize("world, extra, mesh, backend", [
-    (8, [], (2, 4), "cp"), (8, ["dp=2"], (2, 2), "cp"), (4, ["dp=4"], (1, 1), "reference"),
-    (1, [], (1, 1), "reference"), (6, [], (2, 3), "cp"),
+    (8, [], (2, 4), "cp"), (8, ["dp=2"], (2, 2), "cp"), (4, ["dp=4"], (1, 1), "cp"),
+    (1, [], (1, 1), "cp"), (1, ["model.backend=reference"], (1, 1), "reference"), (6, [], (2, 3), "cp"),
 ])
 def test_mesh_auto_resolves_before_any_rendezvous(world, extra, mesh, backend, monkeypatch):
     from omegaconf import OmegaConf

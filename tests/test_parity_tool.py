@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +30,11 @@ def test_parity_all_on_2x2_under_torchrun():
 
 def test_parity_plain_and_usage_errors():
     r = _run([sys.executable, "-m", "boltz_cp.parity", "transition_z", "--tokens", "1", "5"])
-    assert r.returncode == 0 and r.stdout.count("mesh=1x1") == 2, r.stdout + r.stderr
+    assert r.returncode == 0 and r.stdout.count("mesh=1x1 dtype=") == 2, r.stdout + r.stderr
     r = _run([sys.executable, "-m", "boltz_cp.parity", "triatt_start", "--tokens", "7", "--kernels", "torch"])
-    assert r.returncode == 0 and r.stdout.rstrip().endswith("PASS"), r.stdout + r.stderr
+    case, rss = r.stdout.rstrip().splitlines()
+    assert r.returncode == 0 and case.endswith("PASS"), r.stdout + r.stderr
+    assert re.fullmatch(r"rss_peak_mib mesh=1x1 max=(\d+) total=\1 ranks=\1", rss) and int(rss.split("=")[2].split()[0]) > 0, rss
     r = _run([sys.executable, "-m", "boltz_cp.parity", "nonsense"])
     assert r.returncode == 2 and "invalid choice" in r.stderr
     r = _run([sys.executable, "-m", "boltz_cp.parity", "triatt_start", "--kernels", "flex"])

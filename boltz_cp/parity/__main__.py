@@ -4,6 +4,8 @@ Run plainly for a 1x1 mesh, or under `torchrun --nproc-per-node K` for the mesh 
 ``--mesh RxC`` (default: the most square R x C with R*C = K, e.g. 2x2 for 4, 2x3 for 6). Prints `MODULE tokens=N mesh=RxC dtype=... max_abs_err=... max_rel_err=... PASS|FAIL`
 on rank 0 and exits 1 if any case fails (2 on a usage error). ``--kernels torch|fused|...``
 picks the CP side's attention block kernel, as the setting kernels.attention does.
+Last, rank 0 prints every rank's peak resident memory (`rss_peak_mib mesh=RxC max=.. total=..
+ranks=a,b,...`), so a run on many ranks shows whether it fits the machine.
 """
 
 from __future__ import annotations
@@ -29,6 +31,21 @@ def _parser(names: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--kernels", choices=list(BACKENDS), default="auto",
                    help="attention block kernel of the CP side (kernels.attention; default auto)")
     return p
+
+
+def _print_rss(mesh) -> None:
+    import torch.distributed as dist
+
+    from boltz_cp.measure import MIB, rss_peak
+
+    mine = rss_peak() / MIB
+    peaks = [mine]
+    if dist.is_available() and dist.is_initialized():
+        peaks = [0.0] * dist.get_world_size()
+        dist.all_gather_object(peaks, mine)
+    if mesh.rank == 0:
+        print(f"rss_peak_mib mesh={mesh.rows}x{mesh.cols} max={max(peaks):.0f} total={sum(peaks):.0f} "
+              f"ranks={','.join(f'{v:.0f}' for v in peaks)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed += not res.passed and not res.skipped
                 if mesh.rank == 0:
                     print(res.line(), flush=True)
+        _print_rss(mesh)
         return 1 if failed else 0
     except BoltzCPError as e:
         print(f"boltz_cp.parity: error: {e}", file=sys.stderr)
