@@ -79,7 +79,13 @@ class MemOptions:
     # relpos held through sampling, token_trans_bias and the atom biases through confidence: as
     # built before Boltz2CP.forward dropped them (the reports in benchmarks/results were measured so)
     held_before_confidence: bool = False
-    release_inputs: bool = False  # callers drop their reference to a block's input z (pass ownership)
+    # callers drop their reference to a block's input z, the residuals add in place (layers/
+    # pairformer.py `consume`), the recycle input z_init is dropped after the last recycle and the
+    # template module drops z_proj(z) once v is built
+    release_inputs: bool = True
+    # the trunk's relative position encoding is rebuilt for the diffusion conditioning
+    # (Boltz2CP.forward) instead of a tile held through the trunk's pair stages
+    rebuild_relpos: bool = True
     tri_att_act_dtype: bool = False  # triangle attention's x_ln, k|v, q in the activation dtype (state fp32)
     cannon_act_dtype: bool = True  # triangle multiplication's Cannon blocks in the activation dtype (acc fp32)
     score_block_per_tile: float = SCORE_BLOCK_PER_TILE  # score block size relative to the tile
@@ -87,8 +93,9 @@ class MemOptions:
 
     def label(self) -> str:
         """What differs from the code as built ("as implemented" when nothing does)."""
-        parts = [f"{k}={getattr(self, k)}" for k in ("held_before_confidence", "release_inputs", "tri_att_act_dtype",
-                                                      "cannon_act_dtype") if getattr(self, k) != getattr(AS_BUILT, k)]
+        parts = [f"{k}={getattr(self, k)}" for k in ("held_before_confidence", "release_inputs", "rebuild_relpos",
+                                                      "tri_att_act_dtype", "cannon_act_dtype")
+                 if getattr(self, k) != getattr(AS_BUILT, k)]
         if self.score_block_per_tile != SCORE_BLOCK_PER_TILE:
             parts.append(f"score_block_per_tile={self.score_block_per_tile:g}")
         if self.kernels != AS_BUILT.kernels:
@@ -212,7 +219,10 @@ def stage_memory(g: Geometry, hp: Hyper = BOLTZ2, precision: str = "fp32",
         return terms
 
     single = [("single track s, s_inputs, ...", 12 * g.n * hp.token_s * dt.F)]
-    trunk_keep = [z("z_init (recycle input)"), z("relative position encoding"), z("z (trunk)")]
+    trunk_keep = [z("z_init (recycle input)")] if hp.recycling_steps > 0 or not opts.release_inputs else []
+    if not opts.rebuild_relpos:
+        trunk_keep.append(z("relative position encoding"))
+    trunk_keep.append(z("z (trunk)"))
     out: dict[str, Terms] = {}
 
     out["input embedder"] = [("atom window pair features (calibrated per atom)",
@@ -242,7 +252,8 @@ def stage_memory(g: Geometry, hp: Hyper = BOLTZ2, precision: str = "fp32",
         pf.append(z("z (block input)"))
     out["pairformer"] = pf + pair_layer_terms(g, c, hp, dt, opts) + single + res("pairformer")
 
-    out["distogram"] = trunk_keep + transpose_terms(g, c, dt.A, "z^T") + [z("z + z^T")] + res("distogram")
+    after_loop = [t for t in trunk_keep if not (opts.release_inputs and t[0].startswith("z_init"))]
+    out["distogram"] = after_loop + transpose_terms(g, c, dt.A, "z^T") + [z("z + z^T")] + res("distogram")
 
     keep = [z("z (trunk)"), z("relative position encoding"), z("pdistogram", hp.num_bins)]
     ttb = hp.token_trans_channels
@@ -274,7 +285,8 @@ def stage_memory(g: Geometry, hp: Hyper = BOLTZ2, precision: str = "fp32",
         z("z + z^T"), z("pae logits", 64), z("pde logits (building)", 3 * 64),
     ] + res("confidence: heads")
     if opts.release_inputs:  # a block's input z and the caller's copy are dropped once used
-        drop = {"z (block input)", "z (MSA layer input)", "template v (block input)", "z after outer product mean"}
+        drop = {"z (block input)", "z (MSA layer input)", "template v (block input)", "z after outer product mean",
+                "template z_proj"}
         for stage in ("pairformer", "confidence: pairformer", "MSA module", "templates"):
             out[stage] = [t for t in out[stage] if t[0] not in drop]
         out["pairformer"] = [t for t in out["pairformer"] if t[0] != "z (trunk)"]
