@@ -74,7 +74,7 @@ def _tile(g: Geometry, channels: float, nbytes: int) -> float:
 
 @dataclass(frozen=True)
 class MemOptions:
-    """Changes to the implementation whose memory effect the model can show (all off = as built)."""
+    """Changes to the implementation whose memory effect the model can show (the defaults: as built)."""
 
     # relpos held through sampling, token_trans_bias and the atom biases through confidence: as
     # built before Boltz2CP.forward dropped them (the reports in benchmarks/results were measured so)
