@@ -52,7 +52,11 @@ RESIDUAL_TILES = {
     "diffusion conditioning": 0.0,
     "sampling": 0.0,
     "confidence: pairformer": 0.25,
-    "confidence: heads": 1.4,  # the heads' many [n, m, 64] softmax / weight temporaries, not all counted
+    # the heads' [n, m, 64] softmax / weight temporaries not counted. Was 1.4 while the confidence
+    # stack's input z stayed alive beside its output (now an explicit term when release_inputs is
+    # off): released, the heads measured -497 MiB (1.02 tiles) at N=1,000 1x1 and 0.06 (N=1,000) /
+    # 0.17 (N=384) tile over the count
+    "confidence: heads": 0.1,
 }
 # ... in the chunked transition (measured in the diffusion conditioning's pair transitions: 9.5
 # tiles where the inventory counts 8.5, at N = 256 ... 512);
@@ -66,6 +70,9 @@ MESH_BYTES_PER_TOKEN = {"pairformer": 52_000, "MSA module": 52_000, "confidence:
 # ... and per atom of the rank (the atom windows; fitted over N = 256 ... 1,000, 1x1 and 2x2):
 ATOM_BYTES_EMBEDDER = 29_500  # input embedder: window pair features p [.., W, H, atom_z] ~3.6 copies
 ATOM_BYTES_STEP = 27_000  # one denoising step per sample: the repeated atom biases, window k/v, scores
+# With kernels.attention=fused the atom windows keep no score block: refitted on the fused 1x1 runs
+# at N=384 and 1,000 (embedder 27,870 / 28,040; step 20,730 / 22,160 B per atom)
+ATOM_BYTES_FUSED = {"embedder": 27_900, "step": 21_400}
 
 
 def _tile(g: Geometry, channels: float, nbytes: int) -> float:
@@ -225,8 +232,11 @@ def stage_memory(g: Geometry, hp: Hyper = BOLTZ2, precision: str = "fp32",
     trunk_keep.append(z("z (trunk)"))
     out: dict[str, Terms] = {}
 
+    fused = opts.kernels == "fused"
+    per_atom_embedder = ATOM_BYTES_FUSED["embedder"] if fused else ATOM_BYTES_EMBEDDER
+    per_atom_step = ATOM_BYTES_FUSED["step"] if fused else ATOM_BYTES_STEP
     out["input embedder"] = [("atom window pair features (calibrated per atom)",
-                              g.local_atoms * ATOM_BYTES_EMBEDDER * dt.A / 4)]
+                              g.local_atoms * per_atom_embedder * dt.A / 4)]
     relpos_chunk = min(g.pairs, max(1, RELPOS_CHUNK_PAIRS // g.m) * g.m)
     out["pair init"] = [z("outer sum"), z("relative position encoding"), z("z sum"), z("token bonds / contacts"),
                         ("relpos one-hot chunk (int64 + fp32 + cat)", relpos_chunk * 139 * (8 + 4 + 4))]
@@ -274,14 +284,15 @@ def stage_memory(g: Geometry, hp: Hyper = BOLTZ2, precision: str = "fp32",
     if dt.A != dt.F:
         samp.append(("token_trans_bias in fp32 (score model's _at_least_fp32)", _tile(g, ttb, dt.F)))
     samp.append(("one denoising step (calibrated per atom x samples at once)",
-                 g.local_atoms * ATOM_BYTES_STEP * hp.samples_at_once * dt.F / 4))
+                 g.local_atoms * per_atom_step * hp.samples_at_once * dt.F / 4))
     out["sampling"] = samp + res("sampling")
 
     conf = conf_keep + [z("confidence z (stack input)"), z("z (current)")]
     if hp.confidence_blocks > 1:
         conf.append(z("z (block input)"))
     out["confidence: pairformer"] = conf + pair_layer_terms(g, c, hp, dt, opts) + single + res("confidence: pairformer")
-    out["confidence: heads"] = conf_keep + [z("confidence z")] + transpose_terms(g, c, dt.A, "z^T") + [
+    held_input = [] if opts.release_inputs else [z("confidence z (stack input, beside its output)")]
+    out["confidence: heads"] = conf_keep + [z("confidence z")] + held_input + transpose_terms(g, c, dt.A, "z^T") + [
         z("z + z^T"), z("pae logits", 64), z("pde logits (building)", 3 * 64),
     ] + res("confidence: heads")
     if opts.release_inputs:  # a block's input z and the caller's copy are dropped once used
