@@ -147,8 +147,8 @@ class Boltz2CP(Boltz2Trunk):
         out = super().forward(inputs.trunk, layout, recycling_steps, keep_relpos=False)
         s, z, s_inputs = out["s"], out["z"], out["s_inputs"]
         embedder = inputs.trunk.embedder
-        conditioning = self.diffusion_conditioning(s, z, self.relative_position(inputs.trunk, layout), embedder,
-                                                   layout)
+        conditioning = self.diffusion_conditioning(s, z, lambda: self.relative_position(inputs.trunk, layout),
+                                                   embedder, layout)
         mesh = layout.mesh
         token_mask = single_from_local(inputs.trunk.feats_i["token_pad_mask"], mesh)
         with torch.autocast(z.device.type, enabled=False):

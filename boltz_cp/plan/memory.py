@@ -267,13 +267,15 @@ def stage_memory(g: Geometry, hp: Hyper = BOLTZ2, precision: str = "fp32",
 
     keep = [z("z (trunk)"), z("relative position encoding"), z("pdistogram", hp.num_bins)]
     ttb = hp.token_trans_channels
+    # rebuilt relpos (a function passed to the conditioning) is dropped once concatenated with z
+    cond_keep = [t for t in keep if not (opts.rebuild_relpos and t[0] == "relative position encoding")]
     cond_options = [
         [z("cat(z, relpos)", 2 * c), ("layer norm of it", _tile(g, 2 * c, dt.L)), z("init projection")],
         [z("conditioned z")] + transition_terms(g, c, 2 * c, dt),
         [z("conditioned z"), z("token_trans_bias parts", ttb), ("layer norm of z", _tile(g, c, dt.L)),
          z("token_trans_bias (cat)", ttb)],
     ]
-    out["diffusion conditioning"] = keep + max(cond_options, key=lambda t: sum(b for _, b in t)) + res(
+    out["diffusion conditioning"] = cond_keep + max(cond_options, key=lambda t: sum(b for _, b in t)) + res(
         "diffusion conditioning")
 
     # Boltz2CP.forward drops relpos after the conditioning and the conditioning after sampling
