@@ -83,6 +83,8 @@ def compare(report: dict, opts: MemOptions = AS_BUILT) -> dict:
     hp = hyper_from_report(report)
     rows, cols = (int(x) for x in report["mesh"].split("x"))
     g = geometry(report["n_tokens"], rows, cols, hp, atoms=report["n_atoms"])
+    kernels = report_kernels(report)
+    opts = replace(opts, kernels=kernels)
     mem = {k: sum(b for _, b in v) for k, v in stage_memory(g, hp, "fp32", opts).items()}
     rows = []
     for st in report["stages"]:
@@ -90,7 +92,7 @@ def compare(report: dict, opts: MemOptions = AS_BUILT) -> dict:
             key = BENCH_STAGES[st["stage"]]
             rows.append((st["stage"], st["peak_bytes_max"], mem[key]))
     fwd = max(r["forward_act_bytes"] for r in report["ranks"])
-    times = stage_time(g, hp, CPU_HERE, "fp32")
+    times = stage_time(g, hp, replace(CPU_HERE, fused_attention=kernels == "fused"), "fp32")
     trows = []
     for st in report["stages"]:
         if st["stage"] in BENCH_TIME_STAGES:
@@ -149,13 +151,18 @@ def predict_case(n_tokens: int, side: int, inter_node: bool, hp: Hyper = BOLTZ2,
     return out
 
 
+# Reports measured before Boltz2CP.forward dropped relpos and the conditioning before confidence
+# (benchmarks/results up to 2026-12-01), and before callers released block inputs (up to the
+# *_lean.json reports of 2026-12-02).
+HELD = MemOptions(held_before_confidence=True, release_inputs=False, rebuild_relpos=False)
+KEPT_INPUTS = MemOptions(release_inputs=False, rebuild_relpos=False)
 FIXES = (
-    MemOptions(held_before_confidence=True),  # before Boltz2CP.forward dropped relpos and the conditioning
+    HELD,
+    KEPT_INPUTS,
+    MemOptions(rebuild_relpos=False),
     AS_BUILT,
-    MemOptions(release_inputs=True),
-    MemOptions(release_inputs=True, tri_att_act_dtype=True),
-    MemOptions(release_inputs=True, tri_att_act_dtype=True, cannon_act_dtype=True),
-    MemOptions(release_inputs=True, tri_att_act_dtype=True, cannon_act_dtype=True, score_block_per_tile=0.25),
+    MemOptions(tri_att_act_dtype=True),
+    MemOptions(tri_att_act_dtype=True, score_block_per_tile=0.25),
 )
 
 
@@ -235,12 +242,20 @@ def plot_memory(path: Path, hp: Hyper = BOLTZ2) -> bool:
     return True
 
 
-def stage_features(g: Geometry, hp: Hyper, precision: str = "fp32") -> dict[str, tuple[float, float, float]]:
-    """Per stage and forward: (FLOPs, bytes moved, ops) on one rank, no communication."""
+def report_kernels(report: dict) -> str:
+    """The attention kernel a bench report ran (reports before `kernels_attention` ran torch's)."""
+    return "torch" if report.get("kernels_attention", "torch") == "torch" else "fused"
+
+
+def stage_features(g: Geometry, hp: Hyper, precision: str = "fp32",
+                   kernels: str = "torch") -> dict[str, tuple[float, float, float]]:
+    """Per stage and forward: (FLOPs, bytes moved, ops) on one rank, no communication; with
+    kernels='fused' the attention scores never reach memory (as `work_time` with fused_attention)."""
     out = {}
+    scores = 0.0 if kernels == "fused" else 1.0
     for name, (stage, calls) in stage_work(g, hp, precision).items():
         f = sum(m * w.flops for w, m in stage) * calls
-        b = sum(m * (w.bytes_elementwise + w.bytes_scores) for w, m in stage) * calls
+        b = sum(m * (w.bytes_elementwise + scores * w.bytes_scores) for w, m in stage) * calls
         o = sum(m * w.ops for w, m in stage) * calls
         out[name] = (f, b, o)
     return out
@@ -259,7 +274,7 @@ def fit_cpu(paths: list[str]) -> tuple[float, float, float]:
             continue
         hp = hyper_from_report(rep)
         g = geometry(rep["n_tokens"], 1, 1, hp, atoms=rep["n_atoms"])
-        feats = stage_features(g, hp)
+        feats = stage_features(g, hp, kernels=report_kernels(rep))
         for st in rep["stages"]:
             key = BENCH_TIME_STAGES.get(st["stage"])
             t = st.get("cpu_seconds_max")
@@ -302,7 +317,10 @@ def main() -> None:
     c.add_argument("reports", nargs="+")
     c.add_argument("--held", action="store_true",
                    help="reports measured before Boltz2CP.forward dropped relpos / token_trans_bias / atom "
-                        "biases before confidence (every report in benchmarks/results up to 2026-12-02)")
+                        "biases before confidence (benchmarks/results up to 2026-12-01)")
+    c.add_argument("--kept-inputs", action="store_true",
+                   help="reports measured before callers released block inputs and relpos was rebuilt "
+                        "(every report in benchmarks/results but the *_lean.json ones)")
     m = sub.add_parser("comm")
     m.add_argument("--tokens", type=int, default=3605)
     m.add_argument("--side", type=int, default=2)
@@ -316,7 +334,7 @@ def main() -> None:
         if args.plot and plot_memory(args.plot):
             print(f"\nwrote {args.plot}")
     elif args.cmd == "check":
-        print_check(args.reports, MemOptions(held_before_confidence=True) if args.held else AS_BUILT)
+        print_check(args.reports, HELD if args.held else KEPT_INPUTS if args.kept_inputs else AS_BUILT)
     elif args.cmd == "comm":
         g = geometry(args.tokens, args.side, args.cols)
         inter = g.ranks > 8

@@ -83,6 +83,14 @@ def test_defaults_are_the_code_as_built():
 
     assert AS_BUILT.kernels == "fused" and AS_BUILT.cannon_act_dtype and AS_BUILT.label() == "as implemented"
     assert MemOptions(kernels="torch").label() == "kernels=torch"
+    # callers release block inputs and relpos is rebuilt (layers/pairformer.py consume=, Boltz2CP):
+    # 3 fp32 tiles fewer at the MSA module's peak (1 block, no recycle): z_init, relpos, z after OPM
+    assert AS_BUILT.release_inputs and AS_BUILT.rebuild_relpos
+    g, tile = geometry(1000, 1, 1), 1000 * 1000 * BOLTZ2.token_z * 4
+    run = BOLTZ2.with_run(recycling_steps=0, msa_blocks=1)
+    kept = sum(b for _, b in stage_memory(g, run, "fp32", MemOptions(release_inputs=False,
+                                                                     rebuild_relpos=False))["MSA module"])
+    assert kept - sum(b for _, b in stage_memory(g, run, "fp32")["MSA module"]) == pytest.approx(3 * tile)
     for attention, kind in (("auto", "fused"), ("fused", "fused"), ("cueq", "fused"), ("torch", "torch")):
         assert plan_kernels(OmegaConf.create({"kernels": {"attention": attention}})) == kind
     assert plan_mesh(PI4KA, 2, 2).kernels == "fused"

@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from boltz.model.layers import pairformer as upstream
-from boltz_cp.distributed import PAIR, SINGLE_BY_I, TokenLayout, check_placements
+from boltz_cp.distributed import PAIR, SINGLE_BY_I, TokenLayout, check_placements, pair_from_tile
 from boltz_cp.errors import ConfigError
 from boltz_cp.layers._dropout import draw_like_upstream_dropout
 from boltz_cp.layers._dtensor import like
@@ -39,16 +39,31 @@ def _install_pair_twins(layer: nn.Module, token_z: int, head_width: int, num_hea
     layer.transition_z = Transition(token_z, token_z * 4)
 
 
-def _pair_stack(layer: nn.Module, z: DTensor, pair_mask: DTensor, layout: TokenLayout) -> DTensor:
+def residual_add(z_tile: torch.Tensor, update: torch.Tensor, owned: bool) -> torch.Tensor:
+    """z_tile + update, in place when z_tile is ours to overwrite and the sum keeps its dtype
+    (same values as the out-of-place add; no second tile while the update is alive)."""
+    if owned and torch.promote_types(z_tile.dtype, update.dtype) == z_tile.dtype and z_tile.shape == update.shape:
+        return z_tile.add_(update)
+    return z_tile + update
+
+
+def _pair_stack(layer: nn.Module, z: DTensor, pair_mask: DTensor, layout: TokenLayout,
+                consume: bool = False) -> DTensor:
     """z += each pair sublayer in upstream's order (inference: no dropout, but upstream's dropout
-    draws, so the global RNG advances as in the serial model)."""
+    draws, so the global RNG advances as in the serial model). ``consume``: the caller gives up
+    z, so its tile is updated in place; otherwise the first residual makes a new tile and the
+    rest update that one (never two z tiles alive besides the caller's)."""
     z_tile = z.to_local()
+    del z  # only the tile below stays referenced from here
     batch, n = z_tile.shape[0], layout.n
+    owned = consume
     for sub, shape in ((layer.tri_mul_out, (batch, n, 1, 1)), (layer.tri_mul_in, (batch, n, 1, 1)),
                        (layer.tri_att_start, (batch, n, 1, 1)), (layer.tri_att_end, (batch, 1, n, 1))):
         draw_like_upstream_dropout(shape, z_tile.device)
-        z_tile = z_tile + sub(like(z, z_tile), pair_mask, layout).to_local()
-    return like(z, z_tile + layer.transition_z(like(z, z_tile)).to_local())
+        z_tile = residual_add(z_tile, sub(pair_from_tile(z_tile, layout.mesh), pair_mask, layout).to_local(), owned)
+        owned = True
+    z_tile = residual_add(z_tile, layer.transition_z(pair_from_tile(z_tile, layout.mesh)).to_local(), owned)
+    return pair_from_tile(z_tile, layout.mesh)
 
 
 class PairformerLayer(upstream.PairformerLayer):
@@ -66,10 +81,11 @@ class PairformerLayer(upstream.PairformerLayer):
         self.transition_s = Transition(token_s, token_s * 4)
 
     def forward(self, s: DTensor, z: DTensor, mask: DTensor, pair_mask: DTensor,  # type: ignore[override]
-                layout: TokenLayout) -> tuple[DTensor, DTensor]:
+                layout: TokenLayout, consume: bool = False) -> tuple[DTensor, DTensor]:
+        """``consume``: z's tile may be updated in place (the caller no longer needs the input)."""
         check_placements("PairformerLayer.s", s, SINGLE_BY_I)
         check_placements("PairformerLayer.z", z, PAIR)
-        z = _pair_stack(self, z, pair_mask, layout)
+        z = _pair_stack(self, z, pair_mask, layout, consume)
         # Upstream runs the single track in fp32 with autocast off; promote, never demote (fp64 stays).
         dtype = torch.promote_types(s.dtype, torch.float32)
         with torch.autocast(z.device.type, enabled=False):
@@ -99,9 +115,11 @@ class PairformerModule(upstream.PairformerModule):
         )
 
     def forward(self, s: DTensor, z: DTensor, mask: DTensor, pair_mask: DTensor,  # type: ignore[override]
-                layout: TokenLayout) -> tuple[DTensor, DTensor]:
-        for layer in self.layers:
-            s, z = layer(s, z, mask, pair_mask, layout)
+                layout: TokenLayout, consume: bool = False) -> tuple[DTensor, DTensor]:
+        """``consume``: z's tile may be updated in place (the caller gives up the input); the
+        later layers always update the stack's own tile in place."""
+        for k, layer in enumerate(self.layers):
+            s, z = layer(s, z, mask, pair_mask, layout, consume=consume or k > 0)
         return s, z
 
 
@@ -113,9 +131,10 @@ class PairformerNoSeqLayer(upstream.PairformerNoSeqLayer):
         super().__init__(token_z, dropout, pairwise_head_width, pairwise_num_heads, post_layer_norm)
         _install_pair_twins(self, token_z, pairwise_head_width, pairwise_num_heads)
 
-    def forward(self, z: DTensor, pair_mask: DTensor, layout: TokenLayout) -> DTensor:  # type: ignore[override]
+    def forward(self, z: DTensor, pair_mask: DTensor, layout: TokenLayout,  # type: ignore[override]
+                consume: bool = False) -> DTensor:
         check_placements("PairformerNoSeqLayer.z", z, PAIR)
-        return _pair_stack(self, z, pair_mask, layout)
+        return _pair_stack(self, z, pair_mask, layout, consume)
 
 
 class PairformerNoSeqModule(upstream.PairformerNoSeqModule):
@@ -130,7 +149,8 @@ class PairformerNoSeqModule(upstream.PairformerNoSeqModule):
             for _ in range(num_blocks)
         )
 
-    def forward(self, z: DTensor, pair_mask: DTensor, layout: TokenLayout) -> DTensor:  # type: ignore[override]
-        for layer in self.layers:
-            z = layer(z, pair_mask, layout)
+    def forward(self, z: DTensor, pair_mask: DTensor, layout: TokenLayout,  # type: ignore[override]
+                consume: bool = False) -> DTensor:
+        for k, layer in enumerate(self.layers):
+            z = layer(z, pair_mask, layout, consume=consume or k > 0)
         return z

@@ -56,8 +56,8 @@ class ModelInputs:
     def cut(cls, feats: Mapping[str, Tensor], layout: TokenLayout) -> "ModelInputs":
         potential_feats = {**feats, **{name: sparse_index_map(feats, name)
                                        for name in ("atom_to_token", "token_to_rep_atom")}}
-        return cls(TrunkInputs.cut(feats, layout), ConfidenceInputs.cut(feats, layout),
-                   feats["atom_pad_mask"], potential_feats)
+        trunk = TrunkInputs.cut(feats, layout)  # its pair-feature tiles serve the confidence module too
+        return cls(trunk, ConfidenceInputs.cut(feats, layout, pair=trunk.pair), feats["atom_pad_mask"], potential_feats)
 
 
 class Boltz2CP(Boltz2Trunk):
@@ -142,11 +142,13 @@ class Boltz2CP(Boltz2Trunk):
     def forward(self, inputs: ModelInputs, layout: TokenLayout, recycling_steps: int = 0,  # type: ignore[override]
                 num_sampling_steps: int | None = None, diffusion_samples: int = 1,
                 max_parallel_samples: int | None = None, affinity=None) -> dict[str, Any]:
-        out = super().forward(inputs.trunk, layout, recycling_steps)
+        # relpos feeds the conditioning only: rebuilt for it (one small projection) rather than
+        # held through the trunk's pair stages, and dropped before sampling and confidence
+        out = super().forward(inputs.trunk, layout, recycling_steps, keep_relpos=False)
         s, z, s_inputs = out["s"], out["z"], out["s_inputs"]
         embedder = inputs.trunk.embedder
-        # relpos feeds the conditioning only: dropped here, not held through sampling and confidence
-        conditioning = self.diffusion_conditioning(s, z, out.pop("relative_position_encoding"), embedder, layout)
+        conditioning = self.diffusion_conditioning(s, z, lambda: self.relative_position(inputs.trunk, layout),
+                                                   embedder, layout)
         mesh = layout.mesh
         token_mask = single_from_local(inputs.trunk.feats_i["token_pad_mask"], mesh)
         with torch.autocast(z.device.type, enabled=False):

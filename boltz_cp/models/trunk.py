@@ -34,7 +34,7 @@ from boltz.data import const
 from boltz_cp.data.compact import pair_feature_tiles
 from boltz_cp.distributed import TokenLayout, pair_from_tile, single_from_local
 from boltz_cp.layers._dtensor import like
-from boltz_cp.layers.pairformer import PairformerModule
+from boltz_cp.layers.pairformer import PairformerModule, residual_add
 from boltz_cp.modules.encodersv2 import RelativePositionEncoder, outer_sum_init, token_blocks
 from boltz_cp.modules.heads import DistogramModule
 from boltz_cp.modules.input_embedder import InputEmbedder, embedder_inputs
@@ -129,23 +129,31 @@ class Boltz2Trunk(nn.Module):
         dtype = next(model.parameters()).dtype
         return trunk.to(dtype).eval()
 
+    def relative_position(self, inputs: TrunkInputs, layout: TokenLayout) -> DTensor:
+        """The trunk's relative position encoding [B, N, N, C_z] PAIR (cheap to rebuild: the
+        diffusion conditioning gets a fresh one rather than a tile held through the trunk)."""
+        return self.rel_pos(inputs.feats_i, inputs.feats_j, layout)
+
     def forward(self, inputs: TrunkInputs, layout: TokenLayout,  # type: ignore[override]
-                recycling_steps: int = 0) -> dict[str, DTensor]:
+                recycling_steps: int = 0, keep_relpos: bool = True) -> dict[str, DTensor]:
+        """``keep_relpos=False``: no relative_position_encoding in the result (the caller rebuilds
+        it with `relative_position` when it needs it), so no tile of it lives through the trunk."""
         mesh = layout.mesh
         s_inputs = self.input_embedder(inputs.embedder, layout)
         s_init = like(s_inputs, self.s_init(s_inputs.to_local()))
 
         pair = inputs.pair
         z_tile = outer_sum_init(self.z_init_1, self.z_init_2, s_inputs, layout).to_local()
-        relpos = self.rel_pos(inputs.feats_i, inputs.feats_j, layout)
+        relpos = self.relative_position(inputs, layout)
         z_tile = z_tile + relpos.to_local()
+        if not keep_relpos:
+            del relpos
         dtype = z_tile.dtype
         z_tile = z_tile + self.token_bonds(pair["token_bonds"].to_local().to(dtype))
         if self.bond_type_feature:
             z_tile = z_tile + self.token_bonds_type(pair["type_bonds"].to_local().long())
         threshold = pair_from_tile(pair["contact_threshold"].to_local().to(dtype), mesh)  # float32 as featurized
         z_tile = z_tile + self.contact_conditioning(pair["contact_conditioning"], threshold).to_local()
-        z_init = pair_from_tile(z_tile, mesh)
 
         mask_i = inputs.feats_i["token_pad_mask"].to(dtype)
         mask_j = inputs.feats_j["token_pad_mask"].to(dtype)
@@ -153,14 +161,20 @@ class Boltz2Trunk(nn.Module):
         pair_mask = pair_from_tile(mask_i[:, :, None] * mask_j[:, None, :], mesh)
 
         s = like(s_init, torch.zeros_like(s_init.to_local()))
-        z = like(z_init, torch.zeros_like(z_tile))
-        for _ in range(recycling_steps + 1):
+        z = pair_from_tile(torch.zeros_like(z_tile), mesh)
+        for step in range(recycling_steps + 1):
             s = like(s, s_init.to_local() + self.s_recycle(self.s_norm(s.to_local())))
             z = like(z, z_tile + self.z_recycle(self.z_norm(z.to_local())))
+            if step == recycling_steps:
+                del z_tile  # z_init: needed by the next recycle only
+            # z is the trunk's own from here: the residuals below update it in place.
             if self.use_templates:
-                z = like(z, z.to_local() + self.template_module(z, inputs.template, pair_mask, layout).to_local())
-            z = like(z, z.to_local() + self.msa_module(z, s_inputs, inputs.msa_cols, pair_mask, layout).to_local())
-            s, z = self.pairformer_module(s, z, mask, pair_mask, layout)
-        return {"s": s, "z": z, "pdistogram": self.distogram_module(z, layout), "s_inputs": s_inputs,
-                "relative_position_encoding": relpos}
-
+                z = like(z, residual_add(z.to_local(), self.template_module(z, inputs.template, pair_mask,
+                                                                            layout).to_local(), owned=True))
+            z = like(z, residual_add(z.to_local(), self.msa_module(z, s_inputs, inputs.msa_cols, pair_mask,
+                                                                   layout).to_local(), owned=True))
+            s, z = self.pairformer_module(s, z, mask, pair_mask, layout, consume=True)
+        out = {"s": s, "z": z, "pdistogram": self.distogram_module(z, layout), "s_inputs": s_inputs}
+        if keep_relpos:
+            out["relative_position_encoding"] = relpos
+        return out

@@ -90,16 +90,18 @@ class ConfidenceInputs:
     chains: Tensor
 
     @classmethod
-    def cut(cls, feats: Mapping[str, Tensor], layout: TokenLayout) -> "ConfidenceInputs":
+    def cut(cls, feats: Mapping[str, Tensor], layout: TokenLayout,
+            pair: dict[str, DTensor] | None = None) -> "ConfidenceInputs":
         """From `featurize_lean`'s compact keys (or, failing those, upstream's dense maps,
-        reduced to indices host-side). O(tile + N + M) per rank; no communication."""
+        reduced to indices host-side). O(tile + N + M) per rank; no communication. ``pair``:
+        the pair-feature tiles when the caller has them already (the trunk's: built once)."""
         feats = dict(feats)
         if "token_to_rep_atom_index" not in feats:
             feats["token_to_rep_atom_index"] = _index_of_one_hot(feats["token_to_rep_atom"])
         if "atom_to_token_index" not in feats:
             feats["atom_to_token_index"] = _index_of_one_hot(feats["atom_to_token"])
         feats_i, feats_j = token_blocks({k: feats[k] for k in BLOCK_FEATURES}, layout)
-        return cls(feats_i=feats_i, feats_j=feats_j, pair=pair_feature_tiles(feats, layout),
+        return cls(feats_i=feats_i, feats_j=feats_j, pair=pair if pair is not None else pair_feature_tiles(feats, layout),
                    tokens={k: feats[k] for k in REPLICATED_FEATURES},
                    chains=torch.unique(feats["asym_id"]))
 
@@ -415,13 +417,16 @@ class ConfidenceModule(upstream.ConfidenceModule):
         common = torch.promote_types(d_tile.dtype, self.boundaries.dtype)
         bins = torch.bucketize(d_tile.to(common), self.boundaries.to(common))  # = (d > boundaries).sum(-1)
         z_tile = z_tile + self.dist_bin_pairwise_embed(bins)
+        del bins
 
         dtype = z_tile.dtype
         mask_i = feats.feats_i["token_pad_mask"].to(dtype).repeat_interleave(m, 0)
         mask_j = feats.feats_j["token_pad_mask"].to(dtype).repeat_interleave(m, 0)
+        # z_tile is ours: the stack updates it in place (no second tile beside the stack's input).
         s_dt, z_dt = self.pairformer_stack(
             single_from_local(s_tile, mesh), pair_from_tile(z_tile, mesh), single_from_local(mask_i, mesh),
-            pair_from_tile(mask_i[:, :, None] * mask_j[:, None, :], mesh), layout)
+            pair_from_tile(mask_i[:, :, None] * mask_j[:, None, :], mesh), layout, consume=True)
+        del z_tile, s_tile
 
         out: dict[str, Any] = {}
         if self.return_latent_feats:

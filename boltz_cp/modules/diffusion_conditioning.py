@@ -32,6 +32,8 @@ encodersv2.py PairwiseConditioning and AtomEncoder, structure_prediction=True).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
@@ -63,9 +65,13 @@ class DiffusionConditioning(_UpstreamDiffusionConditioning):
     """
 
     def forward(self, s_trunk: DTensor, z_trunk: DTensor,  # type: ignore[override]
-                relative_position_encoding: DTensor, inputs: EmbedderInputs,
+                relative_position_encoding: DTensor | Callable[[], DTensor], inputs: EmbedderInputs,
                 layout: TokenLayout) -> dict[str, Tensor | DTensor]:
+        """``relative_position_encoding`` may be a function that builds it: then it lives only
+        until the pair conditioning's input projection (not through its transitions)."""
         name = type(self).__name__
+        if callable(relative_position_encoding) and not isinstance(relative_position_encoding, torch.Tensor):
+            relative_position_encoding = relative_position_encoding()
         check_placements(f"{name}.s_trunk", s_trunk, SINGLE_BY_I)
         check_placements(f"{name}.z_trunk", z_trunk, PAIR)
         check_placements(f"{name}.relative_position_encoding", relative_position_encoding, PAIR)
@@ -78,7 +84,9 @@ class DiffusionConditioning(_UpstreamDiffusionConditioning):
         w, h = enc.atoms_per_window_queries, enc.atoms_per_window_keys
         plan.check(name, mesh, w, h)
 
-        z_tile = self._condition_pair(z_trunk.to_local(), relative_position_encoding.to_local())
+        handed = [relative_position_encoding.to_local()]  # _condition_pair drops it once projected
+        del relative_position_encoding, t
+        z_tile = self._condition_pair(z_trunk.to_local(), handed)
         q, c, p = self._encode_atoms(s_trunk.to_local(), z_tile, inputs, layout)
         atom_enc_bias = torch.cat([layer(p) for layer in self.atom_enc_proj_z], dim=-1)
         atom_dec_bias = torch.cat([layer(p) for layer in self.atom_dec_proj_z], dim=-1)
@@ -86,10 +94,11 @@ class DiffusionConditioning(_UpstreamDiffusionConditioning):
         return {"q": q, "c": c, "atom_enc_bias": atom_enc_bias, "atom_dec_bias": atom_dec_bias,
                 "token_trans_bias": pair_from_tile(token_trans_bias, mesh)}
 
-    def _condition_pair(self, z_tile: Tensor, relpos_tile: Tensor) -> Tensor:
-        """PairwiseConditioning (Algorithm 21) on my tile: per pair, so local."""
+    def _condition_pair(self, z_tile: Tensor, relpos: list[Tensor]) -> Tensor:
+        """PairwiseConditioning (Algorithm 21) on my tile: per pair, so local. ``relpos``: a
+        one-item list, emptied here (the relpos tile is not held through the transitions)."""
         pc = self.pairwise_conditioner
-        z = pc.dim_pairwise_init_proj(torch.cat((z_tile, relpos_tile), dim=-1))
+        z = pc.dim_pairwise_init_proj(torch.cat((z_tile, relpos.pop()), dim=-1))
         for transition in pc.transitions:
             # NOTE(parity): hidden built CHUNK_HIDDEN channels at a time past that width, as in
             # boltz_cp.layers.transition (fc3's sum reordered: round-off only).

@@ -23,7 +23,7 @@ from torch.nn.functional import one_hot
 
 from boltz.model.modules.trunkv2 import TemplateV2Module as _UpstreamTemplateV2Module
 from boltz_cp.distributed import PAIR, TokenLayout, check_placements, pad_tokens, pair_from_tile
-from boltz_cp.layers.pairformer import PairformerNoSeqModule
+from boltz_cp.layers.pairformer import PairformerNoSeqModule, residual_add
 
 # Feature name -> number of trailing dims after [B, T, N].
 TEMPLATE_FEATURES = {
@@ -84,13 +84,15 @@ class TemplateV2Module(_UpstreamTemplateV2Module):
                                     torch.float32)
         with torch.autocast(z_tile.device.type, enabled=False):
             v_tile = self._v_tile(zp_tile, rows, cols, dtype)
+        del zp_tile, z_tile  # z_proj(z) lives on in v; z itself stays with the caller
 
         n_i, n_j = v_tile.shape[2], v_tile.shape[3]
         v_tile = v_tile.reshape(batch * templates, n_i, n_j, -1)
         mask_tile = pair_mask.to_local()
         mask_tile = mask_tile[:, None].expand(-1, templates, -1, -1).reshape(batch * templates, n_i, n_j)
-        v = pair_from_tile(v_tile, mesh)
-        v_tile = v_tile + self.pairformer(v, pair_from_tile(mask_tile, mesh), layout).to_local()
+        # v stays for the residual; the stack makes one tile of its own and updates it in place.
+        v_tile = residual_add(v_tile, self.pairformer(pair_from_tile(v_tile, mesh), pair_from_tile(mask_tile, mesh),
+                                                      layout).to_local(), owned=True)
         v_tile = self.v_norm(v_tile).reshape(batch, templates, n_i, n_j, -1)
 
         # Global over all tokens: which templates exist at all (O(T*N), same on every rank).

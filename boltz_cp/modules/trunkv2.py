@@ -47,7 +47,7 @@ from boltz_cp.layers._dropout import draw_like_upstream_dropout
 from boltz_cp.layers._dtensor import like
 from boltz_cp.layers.outer_product_mean import OuterProductMean
 from boltz_cp.layers.pair_averaging import PairWeightedAveraging
-from boltz_cp.layers.pairformer import PairformerNoSeqLayer
+from boltz_cp.layers.pairformer import PairformerNoSeqLayer, residual_add
 from boltz_cp.layers.transition import Transition
 
 
@@ -67,8 +67,9 @@ class MSALayer(upstream.MSALayer):
         self.outer_product_mean = OuterProductMean(c_in=msa_s, c_hidden=32, c_out=token_z)
 
     def forward(self, z: DTensor, m: DTensor, token_mask: DTensor, msa_mask: DTensor,  # type: ignore[override]
-                layout: TokenLayout, msa_rows: int | None = None) -> tuple[DTensor, DTensor]:
-        """``msa_rows``: the real (unpadded) MSA rows, for upstream's RNG draw (default: m's rows)."""
+                layout: TokenLayout, msa_rows: int | None = None, consume: bool = False) -> tuple[DTensor, DTensor]:
+        """``msa_rows``: the real (unpadded) MSA rows, for upstream's RNG draw (default: m's rows).
+        ``consume``: z's tile may be updated in place (the caller no longer needs the input)."""
         check_placements("MSALayer.z", z, PAIR)
         check_placements("MSALayer.m", m, MSA)
         check_placements("MSALayer.token_mask", token_mask, PAIR)
@@ -78,8 +79,10 @@ class MSALayer(upstream.MSALayer):
         m_tile = m.to_local() + self.pair_weighted_averaging(m, z, token_mask, layout).to_local()
         m_tile = m_tile + self.msa_transition(like(m, m_tile)).to_local()
         m = like(m, m_tile)
-        z = like(z, z.to_local() + self.outer_product_mean(m, msa_mask, layout).to_local())
-        z = self.pairformer_layer(z, token_mask, layout)
+        del m_tile
+        z_tile = residual_add(z.to_local(), self.outer_product_mean(m, msa_mask, layout).to_local(), consume)
+        del z  # the caller's input: the pair layer below owns (and updates in place) the new tile
+        z = self.pairformer_layer(pair_from_tile(z_tile, layout.mesh), token_mask, layout, consume=True)
         return z, m
 
 
@@ -157,8 +160,10 @@ class MSAModule(upstream.MSAModule):
         m_tile = m_tile + pending.wait().unsqueeze(1)
         m = pair_from_tile(m_tile, mesh)
         msa_mask = pair_from_tile(take("msa_mask").to(dtype), mesh)
-        for layer in self.layers:
-            z, m = layer(z, m, pair_mask, msa_mask, layout, msa_rows=len(keep))
+        # The first layer leaves the input z alone (the trunk adds it to the result); later
+        # layers update the module's own tile in place.
+        for k, layer in enumerate(self.layers):
+            z, m = layer(z, m, pair_mask, msa_mask, layout, msa_rows=len(keep), consume=k > 0)
         return z
 
 

@@ -52,7 +52,11 @@ RESIDUAL_TILES = {
     "diffusion conditioning": 0.0,
     "sampling": 0.0,
     "confidence: pairformer": 0.25,
-    "confidence: heads": 1.4,  # the heads' many [n, m, 64] softmax / weight temporaries, not all counted
+    # the heads' [n, m, 64] softmax / weight temporaries not counted. Was 1.4 while the confidence
+    # stack's input z stayed alive beside its output (now an explicit term when release_inputs is
+    # off): released, the heads measured -497 MiB (1.02 tiles) at N=1,000 1x1 and 0.06 (N=1,000) /
+    # 0.17 (N=384) tile over the count
+    "confidence: heads": 0.1,
 }
 # ... in the chunked transition (measured in the diffusion conditioning's pair transitions: 9.5
 # tiles where the inventory counts 8.5, at N = 256 ... 512);
@@ -66,6 +70,9 @@ MESH_BYTES_PER_TOKEN = {"pairformer": 52_000, "MSA module": 52_000, "confidence:
 # ... and per atom of the rank (the atom windows; fitted over N = 256 ... 1,000, 1x1 and 2x2):
 ATOM_BYTES_EMBEDDER = 29_500  # input embedder: window pair features p [.., W, H, atom_z] ~3.6 copies
 ATOM_BYTES_STEP = 27_000  # one denoising step per sample: the repeated atom biases, window k/v, scores
+# With kernels.attention=fused the atom windows keep no score block: refitted on the fused 1x1 runs
+# at N=384 and 1,000 (embedder 27,870 / 28,040; step 20,730 / 22,160 B per atom)
+ATOM_BYTES_FUSED = {"embedder": 27_900, "step": 21_400}
 
 
 def _tile(g: Geometry, channels: float, nbytes: int) -> float:
@@ -74,12 +81,18 @@ def _tile(g: Geometry, channels: float, nbytes: int) -> float:
 
 @dataclass(frozen=True)
 class MemOptions:
-    """Changes to the implementation whose memory effect the model can show (all off = as built)."""
+    """Changes to the implementation whose memory effect the model can show (the defaults: as built)."""
 
     # relpos held through sampling, token_trans_bias and the atom biases through confidence: as
     # built before Boltz2CP.forward dropped them (the reports in benchmarks/results were measured so)
     held_before_confidence: bool = False
-    release_inputs: bool = False  # callers drop their reference to a block's input z (pass ownership)
+    # callers drop their reference to a block's input z, the residuals add in place (layers/
+    # pairformer.py `consume`), the recycle input z_init is dropped after the last recycle and the
+    # template module drops z_proj(z) once v is built
+    release_inputs: bool = True
+    # the trunk's relative position encoding is rebuilt for the diffusion conditioning
+    # (Boltz2CP.forward) instead of a tile held through the trunk's pair stages
+    rebuild_relpos: bool = True
     tri_att_act_dtype: bool = False  # triangle attention's x_ln, k|v, q in the activation dtype (state fp32)
     cannon_act_dtype: bool = True  # triangle multiplication's Cannon blocks in the activation dtype (acc fp32)
     score_block_per_tile: float = SCORE_BLOCK_PER_TILE  # score block size relative to the tile
@@ -87,8 +100,9 @@ class MemOptions:
 
     def label(self) -> str:
         """What differs from the code as built ("as implemented" when nothing does)."""
-        parts = [f"{k}={getattr(self, k)}" for k in ("held_before_confidence", "release_inputs", "tri_att_act_dtype",
-                                                      "cannon_act_dtype") if getattr(self, k) != getattr(AS_BUILT, k)]
+        parts = [f"{k}={getattr(self, k)}" for k in ("held_before_confidence", "release_inputs", "rebuild_relpos",
+                                                      "tri_att_act_dtype", "cannon_act_dtype")
+                 if getattr(self, k) != getattr(AS_BUILT, k)]
         if self.score_block_per_tile != SCORE_BLOCK_PER_TILE:
             parts.append(f"score_block_per_tile={self.score_block_per_tile:g}")
         if self.kernels != AS_BUILT.kernels:
@@ -212,11 +226,17 @@ def stage_memory(g: Geometry, hp: Hyper = BOLTZ2, precision: str = "fp32",
         return terms
 
     single = [("single track s, s_inputs, ...", 12 * g.n * hp.token_s * dt.F)]
-    trunk_keep = [z("z_init (recycle input)"), z("relative position encoding"), z("z (trunk)")]
+    trunk_keep = [z("z_init (recycle input)")] if hp.recycling_steps > 0 or not opts.release_inputs else []
+    if not opts.rebuild_relpos:
+        trunk_keep.append(z("relative position encoding"))
+    trunk_keep.append(z("z (trunk)"))
     out: dict[str, Terms] = {}
 
+    fused = opts.kernels == "fused"
+    per_atom_embedder = ATOM_BYTES_FUSED["embedder"] if fused else ATOM_BYTES_EMBEDDER
+    per_atom_step = ATOM_BYTES_FUSED["step"] if fused else ATOM_BYTES_STEP
     out["input embedder"] = [("atom window pair features (calibrated per atom)",
-                              g.local_atoms * ATOM_BYTES_EMBEDDER * dt.A / 4)]
+                              g.local_atoms * per_atom_embedder * dt.A / 4)]
     relpos_chunk = min(g.pairs, max(1, RELPOS_CHUNK_PAIRS // g.m) * g.m)
     out["pair init"] = [z("outer sum"), z("relative position encoding"), z("z sum"), z("token bonds / contacts"),
                         ("relpos one-hot chunk (int64 + fp32 + cat)", relpos_chunk * 139 * (8 + 4 + 4))]
@@ -242,17 +262,20 @@ def stage_memory(g: Geometry, hp: Hyper = BOLTZ2, precision: str = "fp32",
         pf.append(z("z (block input)"))
     out["pairformer"] = pf + pair_layer_terms(g, c, hp, dt, opts) + single + res("pairformer")
 
-    out["distogram"] = trunk_keep + transpose_terms(g, c, dt.A, "z^T") + [z("z + z^T")] + res("distogram")
+    after_loop = [t for t in trunk_keep if not (opts.release_inputs and t[0].startswith("z_init"))]
+    out["distogram"] = after_loop + transpose_terms(g, c, dt.A, "z^T") + [z("z + z^T")] + res("distogram")
 
     keep = [z("z (trunk)"), z("relative position encoding"), z("pdistogram", hp.num_bins)]
     ttb = hp.token_trans_channels
+    # rebuilt relpos (a function passed to the conditioning) is dropped once concatenated with z
+    cond_keep = [t for t in keep if not (opts.rebuild_relpos and t[0] == "relative position encoding")]
     cond_options = [
         [z("cat(z, relpos)", 2 * c), ("layer norm of it", _tile(g, 2 * c, dt.L)), z("init projection")],
         [z("conditioned z")] + transition_terms(g, c, 2 * c, dt),
         [z("conditioned z"), z("token_trans_bias parts", ttb), ("layer norm of z", _tile(g, c, dt.L)),
          z("token_trans_bias (cat)", ttb)],
     ]
-    out["diffusion conditioning"] = keep + max(cond_options, key=lambda t: sum(b for _, b in t)) + res(
+    out["diffusion conditioning"] = cond_keep + max(cond_options, key=lambda t: sum(b for _, b in t)) + res(
         "diffusion conditioning")
 
     # Boltz2CP.forward drops relpos after the conditioning and the conditioning after sampling
@@ -263,18 +286,20 @@ def stage_memory(g: Geometry, hp: Hyper = BOLTZ2, precision: str = "fp32",
     if dt.A != dt.F:
         samp.append(("token_trans_bias in fp32 (score model's _at_least_fp32)", _tile(g, ttb, dt.F)))
     samp.append(("one denoising step (calibrated per atom x samples at once)",
-                 g.local_atoms * ATOM_BYTES_STEP * hp.samples_at_once * dt.F / 4))
+                 g.local_atoms * per_atom_step * hp.samples_at_once * dt.F / 4))
     out["sampling"] = samp + res("sampling")
 
     conf = conf_keep + [z("confidence z (stack input)"), z("z (current)")]
     if hp.confidence_blocks > 1:
         conf.append(z("z (block input)"))
     out["confidence: pairformer"] = conf + pair_layer_terms(g, c, hp, dt, opts) + single + res("confidence: pairformer")
-    out["confidence: heads"] = conf_keep + [z("confidence z")] + transpose_terms(g, c, dt.A, "z^T") + [
+    held_input = [] if opts.release_inputs else [z("confidence z (stack input, beside its output)")]
+    out["confidence: heads"] = conf_keep + [z("confidence z")] + held_input + transpose_terms(g, c, dt.A, "z^T") + [
         z("z + z^T"), z("pae logits", 64), z("pde logits (building)", 3 * 64),
     ] + res("confidence: heads")
     if opts.release_inputs:  # a block's input z and the caller's copy are dropped once used
-        drop = {"z (block input)", "z (MSA layer input)", "template v (block input)", "z after outer product mean"}
+        drop = {"z (block input)", "z (MSA layer input)", "template v (block input)", "z after outer product mean",
+                "template z_proj"}
         for stage in ("pairformer", "confidence: pairformer", "MSA module", "templates"):
             out[stage] = [t for t in out[stage] if t[0] not in drop]
         out["pairformer"] = [t for t in out["pairformer"] if t[0] != "z (trunk)"]

@@ -148,7 +148,9 @@ def stage_work(g: Geometry, hp: Hyper = BOLTZ2, precision: str = "fp32",
     ttb = hp.token_trans_channels
     out["diffusion conditioning"] = ([(Work(
         flops_act=2 * q * 2 * c * c + 2 * 12 * q * c * c + 2 * q * c * ttb,
-        bytes_elementwise=q * (30 * c + 2 * ttb + hp.token_transformer_depth * c) * dt.A), 1)], 1)
+        bytes_elementwise=q * (30 * c + 2 * ttb + hp.token_transformer_depth * c) * dt.A), 1),
+        # the relative position encoding, rebuilt for it (Boltz2CP.forward) rather than held
+        (Work(flops_act=2 * q * 139 * c, bytes_elementwise=q * (139 * 16 + c * dt.A)), 1)], 1)
 
     # One denoising step of `samples` samples: the token transformer on my row block I_r
     # (n tokens, dim 2*token_s; every rank of a tile row runs its rows), keys J_c; atom windows.
