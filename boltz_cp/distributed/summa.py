@@ -6,8 +6,17 @@ k-block q) and ring_i into R blocks (operand y: member q of my grid column holds
 `segments` cuts [0, K) at the edges of both partitions; every segment lies in one x-block and
 one y-block. Walking the segments in order, the owner of each needed block broadcasts it over
 its ring, so every member of a ring uses the same block at the same time and no skew is
-needed. The next block of each operand is broadcast while the current one is used (two
-buffers per operand).
+needed.
+
+Memory per operand: my own block (kept for its broadcast turn) and RECV_BUFFERS receive
+buffers, allocated once and reused. The next block is broadcast while the current one is used
+whenever a buffer is free for it: always when the current or the next block is my own; with
+one buffer not otherwise (that block then travels after the current one is used). A block
+yielded by `stream` is valid until the next one of its operand is requested (its buffer is
+then refilled). Measured on 2x3 (full widths): with a fresh buffer per block, the consumer's
+previous block, the current one, the prefetched one and my own were alive together, one
+k|v|mask block (2 tiles) more than Cannon keeps in triangle attention; with one reused buffer
+per operand the count is Cannon's two blocks.
 
 Communication per call, per rank: C broadcasts of an x-block on ring_j and R broadcasts of a
 y-block on ring_i (I am the root of one of each); none on a ring of size 1.
@@ -32,10 +41,15 @@ def segments(k: int, parts_x: int, parts_y: int) -> list[tuple[int, int, int, in
     return [(lo, hi, lo // kx, lo // ky) for lo, hi in zip(edges, edges[1:])]
 
 
-class _Blocks:
-    """Block q of one operand, broadcast from member q of a ring; one block prefetched."""
+# Receive buffers per operand: 1 keeps own + 1 block (Cannon's count) and overlaps a transfer
+# with compute only next to my own block; 2 always overlaps, at one block more.
+RECV_BUFFERS = 1
 
-    def __init__(self, x: torch.Tensor, grid: Grid, ring: str, tag: int):
+
+class _Blocks:
+    """Block q of one operand, broadcast from member q of a ring, into reused buffers."""
+
+    def __init__(self, x: torch.Tensor, grid: Grid, ring: str, tag: int, buffers: int = RECV_BUFFERS):
         self.x = x.contiguous()
         ring = as_ring(ring)
         self.ring, self.group, self.size = ring, grid.ring(ring), grid.ring_size(ring)
@@ -44,6 +58,21 @@ class _Blocks:
         self.root = (lambda q: grid.rank_of(a, q)) if ring == "j" else (lambda q: grid.rank_of(q, b))
         self.tag = tag
         self.pending: dict[int, tuple[torch.Tensor, object]] = {}
+        self.limit = max(1, buffers)
+        self.buffers: list[list] = []  # [buffer, block it holds]
+        self.current = -1
+
+    def _buffer(self, q: int) -> torch.Tensor | None:
+        """A receive buffer for block q: one holding an already used block (< current), or a
+        new one below the limit; None when every buffer holds the block in use."""
+        for slot in self.buffers:
+            if slot[1] < self.current:
+                slot[1] = q
+                return slot[0]
+        if len(self.buffers) < self.limit:
+            self.buffers.append([torch.empty_like(self.x), q])
+            return self.buffers[-1][0]
+        return None
 
     def _post(self, q: int) -> None:
         if q >= self.size or q in self.pending:
@@ -51,7 +80,9 @@ class _Blocks:
         if self.size == 1:
             self.pending[q] = (self.x, None)
             return
-        buf = self.x if q == self.me else torch.empty_like(self.x)
+        buf = self.x if q == self.me else self._buffer(q)
+        if buf is None:
+            return  # no free buffer: posted when it is requested
         work = dist.broadcast(buf, src=self.root(q), group=self.group, async_op=True)
         if q == self.me:
             comm._COUNTERS["broadcast"] += 1
@@ -59,11 +90,13 @@ class _Blocks:
         self.pending[q] = (buf, work)
 
     def get(self, q: int) -> torch.Tensor:
-        """Block q (waits for it) after posting block q + 1; earlier blocks are released."""
-        self._post(q)
-        self._post(q + 1)
+        """Block q (waits for it), posting block q + 1 when a buffer is free for it; blocks
+        before q count as used (their buffers are refilled)."""
+        self.current = q
         for old in [k for k in self.pending if k < q]:
             del self.pending[old]
+        self._post(q)  # always succeeds: every buffer holds a block before q, or q itself
+        self._post(q + 1)
         buf, work = self.pending[q]
         if work is not None:
             work.wait()
@@ -84,10 +117,16 @@ def stream(x: torch.Tensor, y: torch.Tensor, grid: Grid, k: int, *, tag: int = 0
 
 def summa_matmul(a: torch.Tensor, b: torch.Tensor, grid: Grid, dtype: torch.dtype) -> torch.Tensor:
     """C[r, c] = sum_k A[r, k] @ B[k, c] with my blocks a = A[I_r, K_c] [*batch, m, k/C] and
-    b = B[K_r, J_c] [*batch, k/R, n]; returns [*batch, m, n] in ``dtype``."""
+    b = B[K_r, J_c] [*batch, k/R, n]; returns [*batch, m, n] in ``dtype``.
+
+    Each segment's product is added into the accumulator in place (no product tile)."""
     k = a.shape[-1] * grid.cols
-    acc = None
+    batch, m, n = a.shape[:-2], a.shape[-2], b.shape[-1]
+    acc = torch.zeros((*batch, m, n), dtype=dtype, device=a.device)
+    acc3 = acc.view(-1, m, n)
     for lo, hi, xa, oa, yb, ob in stream(a, b, grid, k, tag=1):
-        part = torch.matmul(xa[..., oa:oa + hi - lo].to(dtype), yb[..., ob:ob + hi - lo, :].to(dtype))
-        acc = part if acc is None else acc.add_(part)
+        xs = xa[..., oa:oa + hi - lo].to(dtype)
+        ys = yb[..., ob:ob + hi - lo, :].to(dtype)
+        acc3.baddbmm_(xs.reshape(-1, m, hi - lo), ys.reshape(-1, hi - lo, n))
+        del xa, yb, xs, ys
     return acc

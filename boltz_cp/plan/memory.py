@@ -6,9 +6,9 @@ not explain are calibrated on measured CPU runs (RESIDUAL_TILES, ATOM_BYTES_*, M
 benchmarks/RESULTS.md): they say "calibrated" in every breakdown.
 
 Rectangular meshes (R != C) run the broadcast schedule of distributed/summa.py, whose stream keeps
-my own block (for its broadcast turn) next to the current and the prefetched one: three blocks
-per operand where Cannon keeps two; and the generic `transpose_exchange` holds its receive
-buffers and the contiguous copies of the pieces it sends next to the result.
+my own block (for its broadcast turn) and one reused receive buffer per operand: two blocks, as
+Cannon keeps; the generic `transpose_exchange` holds its receive buffers and the contiguous
+copies of the pieces it sends next to the result (`transpose_staging`).
 
 kernels: 'fused' (the default, kernels.attention=auto/fused/cueq) keeps no score block, only the
 block output and its LSE (KERNELS.md §6.1); 'torch' (kernels.attention=torch) materialises the
@@ -143,9 +143,6 @@ def triangle_attention_terms(g: Geometry, c: int, hp: Hyper, dt: Dtypes, opts: M
     if g.ranks > 1:
         what += " + next k|v|mask, bias in flight"
         loop += _tile(g, 2 * hd + 1 + h, op)
-    if not g.is_square:  # summa.stream keeps my own blocks for their broadcast turn
-        what += " + own k|v|mask, bias (SUMMA)"
-        loop += _tile(g, 2 * hd + 1 + h, op)
     gating = _tile(g, hd, dt.F) + _tile(g, 2 * hd, op)
     terms.append((what, loop) if loop >= gating else ("tri-att: gating o, sigmoid(g), o*g", gating))
     return terms
@@ -165,9 +162,9 @@ def triangle_mult_terms(g: Geometry, c: int, dt: Dtypes, opts: MemOptions = AS_B
         loop, what = base + _tile(g, 2 * c, blk) + _tile(g, c, dt.F), "matmul's contiguous a, b + output"
     elif g.is_square:
         loop, what = base + _tile(g, 4 * c, blk) + _tile(g, c, dt.F), "Cannon loop x_in, a|b, blocks + next, acc"
-    else:
-        loop = base + _tile(g, 5 * c, blk) + _tile(g, 2 * c, dt.F)
-        what = "SUMMA loop x_in, a|b, transposed operand, blocks + next, acc + step product"
+    else:  # a|b is freed once both operands are tiles of their own; one receive buffer each
+        loop = _tile(g, c, dt.L) + _tile(g, 4 * c, blk) + _tile(g, c, dt.F)
+        what = "SUMMA loop x_in, own a and b, a receive buffer each, acc"
     phase_out = base + _tile(g, c, dt.F) + _tile(g, 3 * c, dt.A)
     best = max((phase_in, "input projections x_in, p_in, g_in, sigmoid"), (loop, what), (phase_out, "output gating"))
     return [(f"tri-mul: {best[1]}", best[0])]
@@ -188,8 +185,32 @@ def transpose_terms(g: Geometry, channels: float, nbytes: int, what: str) -> Ter
     contiguous copies of the pieces sent, alive until it completes."""
     terms = [(f"{what} received", _tile(g, channels, nbytes))]
     if not g.is_square:
-        terms.append((f"{what}: receive buffers + sent pieces (R x C transpose)", _tile(g, 2 * channels, nbytes)))
+        terms.append((f"{what}: receive buffers + sent pieces (R x C transpose)",
+                      _tile(g, transpose_staging(g.rows, g.cols) * channels, nbytes)))
     return terms
+
+
+def transpose_staging(rows: int, cols: int) -> float:
+    """R x C `comm.transpose_exchange` of a [1, n, m, C] tile: the pieces a rank sends (copied
+    unless they span the tile's columns) plus those it receives (separate buffers), not counting
+    its own piece, in tiles; the largest over the ranks (2x3: 5/3, measured 1.67 at N=192).
+    Block edges as `comm._overlap` cuts them, on a side of rows * cols."""
+    side = rows * cols
+    def overlap(pa, a, pb, b):  # length of block a of side/pa and block b of side/pb
+        return max(0, min((a + 1) * side // pa, (b + 1) * side // pb) - max(a * side // pa, b * side // pb))
+    worst = 0
+    for a in range(rows):
+        for b in range(cols):
+            moved = 0
+            for pa in range(rows):
+                for pb in range(cols):
+                    if (pa, pb) != (a, b):
+                        area = overlap(rows, a, cols, pb) * overlap(cols, b, rows, pa)
+                        # sent: copied unless it spans my tile's columns (then a contiguous view)
+                        moved += area * (overlap(cols, b, rows, pa) < side // cols)
+                        moved += area  # received (the same area, into its own buffer)
+            worst = max(worst, moved)
+    return worst / (side // rows * side // cols)
 
 
 def pair_layer_terms(g: Geometry, c: int, hp: Hyper, dt: Dtypes, opts: MemOptions = AS_BUILT) -> Terms:
