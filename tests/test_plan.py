@@ -54,11 +54,11 @@ def test_memory_falls_with_mesh_size_and_grows_with_tokens():
 
 def test_rectangular_against_square():
     """R x C holds more than the 1x1/P ideal (padding, transpose buffers) but less
-    than the square mesh of fewer ranks; 1x4 holds more than 2x2 (same ranks, long tiles)."""
+    than the square mesh of fewer ranks. (1x4 vs 2x2 is not asserted: since SUMMA reuses one
+    receive buffer and trimul frees a|b on R x C, 1x4 can hold less than Cannon's 2x2.)"""
     one = _peak(512, 1, 1)
     sq, rect = _peak(512, 2, 2), _peak(512, 2, 3)
     assert one / 6 < rect < sq
-    assert _peak(3605, 1, 4) > _peak(3605, 2, 2)
     # the rectangular terms are there, and only on R x C
     dt = Dtypes.of("fp32")
     # the SUMMA loop no longer exceeds the tri-mul's other phases (measured: 7 tiles, as 1x1)
@@ -73,12 +73,16 @@ def test_rectangular_against_square():
 
 
 def test_fused_kernel_drops_the_score_block():
-    g = geometry(3605, 2, 2)
-    torch_terms = dict(stage_memory(g, BOLTZ2, "bf16", MemOptions(kernels="torch"))["pairformer"])
-    fused_terms = dict(stage_memory(g, BOLTZ2, "bf16")["pairformer"])
-    assert any("score block" in w for w in torch_terms)
-    assert not any("score block" in w for w in fused_terms)
-    assert _peak(3605, 2, 2, "bf16", kernels="fused") < _peak(3605, 2, 2, "bf16", kernels="torch")
+    # tri-att's own peak: under bf16 at 3,605 on 2x2 the stage peak is the triangle multiplication's
+    from boltz_cp.plan.memory import triangle_attention_terms
+    from boltz_cp.plan.model import Dtypes
+    g, dt = geometry(3605, 2, 2), Dtypes.of("bf16")
+    torch_terms = triangle_attention_terms(g, BOLTZ2.token_z, BOLTZ2, dt, MemOptions(kernels="torch"))
+    fused_terms = triangle_attention_terms(g, BOLTZ2.token_z, BOLTZ2, dt)
+    assert any("score block" in w for w, _ in torch_terms)
+    assert not any("score block" in w for w, _ in fused_terms)
+    assert sum(b for _, b in fused_terms) < sum(b for _, b in torch_terms)
+    assert _peak(3605, 2, 2, "bf16", kernels="fused") <= _peak(3605, 2, 2, "bf16", kernels="torch")
 
 
 def test_defaults_are_the_code_as_built():

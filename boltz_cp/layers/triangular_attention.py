@@ -5,8 +5,8 @@ pair mask). N is padded to layout.n_padded; pad tokens (index >= layout.n) are e
 keys outright, so every output position < N equals upstream's; outputs at pad positions are
 finite and meaningless.
 Communication per call, on rank (r, c) of a p x p mesh (p > 1), with n = n_padded / p,
-kv = [B, n, n, 2*H*c_hidden + 1] (k, v and the mask tile, compute dtype) and
-bias = [B, n, n, H]:
+kv = [B, n, n, 2*H*c_hidden + 1] (k, v and the mask tile) and bias = [B, n, n, H], both in the
+operand dtype (bf16 under precision=bf16-mixed, else the compute dtype >= fp32):
     1 transpose of the bias tile (0 on the diagonal r == c);
     skews: 1 of kv when its shift is non-zero + 1 of bias when its shift is non-zero
         (starting node: kv on ring_j by -r, bias on ring_i by -c; ending node: kv on ring_i
@@ -44,7 +44,11 @@ never materialises scores, the torch backend holds one chunk's [rows, H, n, n] s
 
 Memory per rank: O(n^2) tiles (q, k, v, the output accumulator, two kv and two bias buffers)
 plus, with the torch backend, the score block of one query-row chunk, [rows, H, n, n]; no
-tensor has a full N dim.
+tensor has a full N dim. x_ln is released before the ring loop; the gate (its layer norm
+recomputed from x) and linear_o run by query-row chunks into one output tile, so the end of the
+call holds the accumulator + the output + one chunk. Operands (x_ln, k|v|mask, bias, q) are in
+the autocast dtype under autocast (upstream's autocast linears give the same bf16 values); the
+softmax state and the kernels' accumulation stay >= fp32; without autocast nothing changes.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ from boltz_cp.distributed import (
 from boltz_cp.kernels import attend_block
 from boltz_cp.layers import _softmax
 from boltz_cp.layers._dtensor import like
+from boltz_cp.layers._precision import wire_dtype
 
 # Default query-row chunk: rows such that one score block [B, rows, H, n, n] holds about as
 # many elements as the pair tile itself (times this factor), so the transient memory falls
@@ -109,33 +114,40 @@ class _TriangleAttentionCP:
         if not self.starting:
             x_tile, mask_tile = x_tile.transpose(1, 2), mask_tile.transpose(1, 2)
         dtype = _softmax.compute_dtype(x_tile.dtype)
+        # Operands (x_ln, k|v|mask, bias, q: what is stored and sent) in the autocast dtype
+        # under bf16-mixed, as upstream's autocast linears make them; the softmax state and
+        # the kernels' accumulation stay >= fp32. Without autocast operands = compute dtype.
+        op = wire_dtype(x_tile.device.type, dtype)
         with torch.autocast(x_tile.device.type, enabled=False):
-            out = _attend(self, x_tile.to(dtype), mask_tile.to(dtype), layout, kv_ring,
-                          bias_ring, chunk_size)
+            out = _attend(self, x_tile, mask_tile, layout, kv_ring, bias_ring, chunk_size, op)
         if not self.starting:
             out = out.transpose(1, 2)
         return like(x, out.to(x_tile.dtype).contiguous())
 
 
 def _attend(mod, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, kv_ring: str,
-            bias_ring: str, chunk_size: int | None) -> torch.Tensor:
-    """Starting-node attention of my tile x [B, n_i, n_j, C] (query rows i, query cols j)."""
+            bias_ring: str, chunk_size: int | None, op: torch.dtype) -> torch.Tensor:
+    """Starting-node attention of my tile x [B, n_i, n_j, C] (query rows i, query cols j),
+    operands in ``op``, softmax state in the compute dtype. Returns [B, n_i, n_j, C] in x.dtype
+    (x is never copied whole: its layer norm is taken in the compute dtype)."""
     mesh = layout.mesh
-    r, c = mesh.coord
     heads, width = mod.no_heads, mod.c_hidden
     hd = heads * width
     bsz, n, n_j = x.shape[:3]
-
-    ln = mod.layer_norm
-    x_ln = F.layer_norm(x, ln.c_in, ln.weight.to(x.dtype), ln.bias.to(x.dtype), ln.eps)
     att = mod.mha
+    rows = chunk_size or max(1, SCORE_BLOCK_PER_TILE * x.shape[-1] // heads)
 
+    x_ln = _layer_norm(mod, x).to(op)
     # kv tile: [k | v | mask] in one buffer, so it travels as one message.
-    w_kv = torch.cat([att.linear_k.weight, att.linear_v.weight]).to(x.dtype)
+    w_kv = torch.cat([att.linear_k.weight, att.linear_v.weight]).to(op)
     w_kv = torch.cat([w_kv, w_kv.new_zeros(1, w_kv.shape[1])])
     kv_tile = F.linear(x_ln, w_kv)
     kv_tile[..., -1] = mask
     bias_tile = _linear(mod.linear, x_ln)  # triangle bias of my tile, b[I, J] [B, n_i, n_j, H]
+    # [B, n_i, H, n_j, d], scaled as upstream does.
+    q = _linear(att.linear_q, x_ln).view(bsz, n, n_j, heads, width).permute(0, 1, 3, 2, 4)
+    q = q / math.sqrt(width)
+    del x_ln  # the gate recomputes it per row chunk from x: not alive through the ring loop
     if mesh.is_square:
         blocks = _cannon_blocks(kv_tile, bias_tile, layout, kv_ring, bias_ring)
     else:
@@ -146,12 +158,8 @@ def _attend(mod, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, kv_ri
         del bias_t
     del kv_tile, bias_tile
 
-    # [B, n_i, H, n_j, d], scaled as upstream does.
-    q = _linear(att.linear_q, x_ln).view(bsz, n, n_j, heads, width).permute(0, 1, 3, 2, 4)
-    q = q / math.sqrt(width)
-    state = _softmax.SoftmaxState.empty((bsz, n, heads), n_j, width, x.dtype, x.device)
-
-    rows = chunk_size or max(1, SCORE_BLOCK_PER_TILE * x_ln.shape[-1] // heads)
+    state = _softmax.SoftmaxState.empty((bsz, n, heads), n_j, width, op, x.device)
+    k = v = kv_m = bias_m = tri_bias = None
     for lo, hi, kv_m, bias_m in blocks:
         valid = min(max(layout.n - lo, 0), hi - lo)  # real keys of the block; the rest are pad
         if valid == 0:
@@ -163,11 +171,31 @@ def _attend(mod, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, kv_ri
         tri_bias = bias_m.permute(0, 3, 1, 2)  # [B, H, j, k]
         for b in range(bsz):
             _attend_rows(mod, q[b], k[b], v[b], kv_m[b, ..., -1], tri_bias[b:b + 1], state[b], rows)
+    del q, k, v, kv_m, bias_m, tri_bias, blocks  # the last ring block is not alive at the gate
+    return _gate_project(mod, x, _softmax.finalize_(state), rows, op)
 
-    o = _softmax.finalize_(state).permute(0, 1, 3, 2, 4).reshape(bsz, n, n_j, hd)
-    if att.linear_g is not None:
-        o = o * torch.sigmoid(_linear(att.linear_g, x_ln))
-    return _linear(att.linear_o, o)
+
+def _layer_norm(mod, x: torch.Tensor) -> torch.Tensor:
+    """upstream's LayerNorm in the compute dtype (>= fp32, as autocast runs it)."""
+    ln = mod.layer_norm
+    x = x.to(_softmax.compute_dtype(x.dtype))
+    return F.layer_norm(x, ln.c_in, ln.weight.to(x.dtype), ln.bias.to(x.dtype), ln.eps)
+
+
+def _gate_project(mod, x: torch.Tensor, o: torch.Tensor, rows: int, op: torch.dtype) -> torch.Tensor:
+    """linear_o(o * sigmoid(linear_g(layer_norm(x)))) by query-row chunks into one output tile:
+    o [B, n_i, H, n_j, d] (the finalized accumulator), x [B, n_i, n_j, C]; the peak is o + the
+    output + one chunk, never a full o * g."""
+    att = mod.mha
+    bsz, n, heads, n_j, width = o.shape
+    out = torch.empty_like(x)  # x's strides: the ending node's transposed view comes back contiguous
+    for i0 in range(0, n, rows):
+        i1 = min(i0 + rows, n)
+        o_c = o[:, i0:i1].permute(0, 1, 3, 2, 4).reshape(bsz, i1 - i0, n_j, heads * width).to(op)
+        if att.linear_g is not None:
+            o_c = o_c * torch.sigmoid(_linear(att.linear_g, _layer_norm(mod, x[:, i0:i1]).to(op)))
+        out[:, i0:i1] = _linear(att.linear_o, o_c)
+    return out
 
 
 def _attend_rows(mod, q, k, v, key_ok, tri_bias, state, rows: int) -> None:
@@ -178,26 +206,33 @@ def _attend_rows(mod, q, k, v, key_ok, tri_bias, state, rows: int) -> None:
     real token: the pair mask is t[i] t[k]) go through `attend_block` with that mask folded
     into the shared bias as a finite -inf column; any other row (a masked token's, whose keys
     are all masked) is scored as upstream does, so it keeps upstream's round-off exactly.
+    One host sync per block (the mask pattern), none per row chunk.
     """
+    ct = _softmax.compute_dtype(q.dtype)
     col = key_ok.amax(dim=0)  # [k] keys valid for some row
-    regular = (key_ok == col).all(dim=-1) & bool(col.any())
-    # One contiguous [1, H, n_j, k] bias per block: every row chunk reads it again.
-    bias = (tri_bias if bool(col.all()) else tri_bias + mod.inf * (col - 1)).contiguous()
+    regular = (key_ok == col).all(dim=-1) & col.any()
+    all_keys, all_regular = torch.stack([col.all(), regular.all()]).tolist()
+    # Irregular rows (masked tokens') as a host list, fetched only when there are any.
+    odd = [] if all_regular else (~regular).nonzero().flatten().tolist()
+    # One contiguous [1, H, n_j, k] bias per block in the compute dtype: every row chunk
+    # reads it again, and the kernels add it in that dtype.
+    bias = tri_bias.to(ct) if all_keys else tri_bias.to(ct) + mod.inf * (col.to(ct) - 1)
+    bias = bias.contiguous()
     for i0 in range(0, q.shape[0], rows):
         i1 = min(i0 + rows, q.shape[0])
-        reg = regular[i0:i1]
+        idx = [i - i0 for i in odd if i0 <= i < i1]
         part = None
-        if bool(reg.any()):
+        if len(idx) < i1 - i0:  # some regular rows: never a chunk whose keys are all masked
             out, lse = attend_block(q[i0:i1], k[i0:i1], v[i0:i1], bias, scale=1.0, shared_bias=True)
             part = _softmax.from_output(out, lse)
-        if not bool(reg.all()):
-            idx = (~reg).nonzero().flatten()
-            exact = _masked_rows(mod, q[i0:i1][idx], k[i0:i1][idx], v[i0:i1][idx],
-                                 key_ok[i0:i1][idx], tri_bias)
+        if idx:
+            t = torch.tensor(idx, device=q.device)
+            exact = _masked_rows(mod, q[i0:i1][t].to(ct), k[i0:i1][t].to(ct), v[i0:i1][t].to(ct),
+                                 key_ok[i0:i1][t].to(ct), tri_bias.to(ct))
             if part is None:
                 part = exact
             else:
-                part.max[idx], part.sum[idx], part.acc[idx] = exact.max, exact.sum, exact.acc
+                part.max[t], part.sum[t], part.acc[t] = exact.max, exact.sum, exact.acc
         _softmax.merge_(state[i0:i1], part)
 
 

@@ -17,6 +17,8 @@ score blocks.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 from boltz_cp.layers.attentionv2 import CHUNK_PAIRS as APB_CHUNK_PAIRS
@@ -93,7 +95,7 @@ class MemOptions:
     # the trunk's relative position encoding is rebuilt for the diffusion conditioning
     # (Boltz2CP.forward) instead of a tile held through the trunk's pair stages
     rebuild_relpos: bool = True
-    tri_att_act_dtype: bool = False  # triangle attention's x_ln, k|v, q in the activation dtype (state fp32)
+    tri_att_act_dtype: bool = True  # triangle attention's x_ln, k|v, bias, q in the activation dtype (state fp32)
     cannon_act_dtype: bool = True  # triangle multiplication's Cannon blocks in the activation dtype (acc fp32)
     score_block_per_tile: float = SCORE_BLOCK_PER_TILE  # score block size relative to the tile
     kernels: str = "fused"  # attention kernels: fused (the default) | torch (score blocks materialised)
@@ -114,38 +116,37 @@ AS_BUILT = MemOptions()
 
 
 def triangle_attention_terms(g: Geometry, c: int, hp: Hyper, dt: Dtypes, opts: MemOptions = AS_BUILT) -> Terms:
-    """boltz_cp/layers/triangular_attention.py `_attend` at its peak (all in >= fp32).
+    """boltz_cp/layers/triangular_attention.py `_attend` at its peak, the largest of its phases.
 
-    Alive through the call: x_ln, the [k | v | mask] block, the bias block, q, the softmax
-    state (acc + max/sum); then either the ring loop (score block of c/H query rows = c channels,
-    or with a fused kernel only that row chunk's output + LSE; plus the next k|v|mask and bias blocks in
-    flight on a mesh, and my own blocks on a rectangular one) or the gating (o, sigmoid(g),
-    o * g): whichever is larger.
+    Operands (x_ln, the [k | v | mask] block, the bias block, q) in the activation dtype (the
+    autocast dtype; tri_att_act_dtype=False: >= fp32, as before, x copied to fp32); softmax
+    state >= fp32. Build: x_ln + k|v|mask + bias + q. Ring loop (x_ln released): k|v|mask + bias +
+    q + state + the kernel's transient (score block of c/H query rows = c channels, or with a fused
+    kernel that row chunk's output + LSE) + the next k|v|mask and bias blocks in flight on a mesh
+    (+ my own blocks on a rectangular one). Gate: state (finalized in place) + the output tile
+    (x's dtype) + one query-row chunk of o, layer_norm(x), g and linear_o's output.
     """
     hd, h = hp.tri_hd, hp.tri_heads
     op = dt.A if opts.tri_att_act_dtype else dt.F  # operand dtype
-    terms: Terms = []
-    if op != dt.A:
-        terms.append(("tri-att: x in fp32", _tile(g, c, dt.F)))
-    terms += [
-        ("tri-att: x_ln", _tile(g, c, op)),
-        ("tri-att: k|v|mask block", _tile(g, 2 * hd + 1, op)),
-        ("tri-att: bias block", _tile(g, h, op)),
-        ("tri-att: q", _tile(g, hd, op)),
-        ("tri-att: softmax acc + max/sum", _tile(g, hd + 2 * h, dt.F)),
-    ]
+    rows = min(g.n, max(1, int(opts.score_block_per_tile * c) // h))  # query rows per chunk
+    kv = ("tri-att: k|v|mask block", _tile(g, 2 * hd + 1, op))
+    bias = ("tri-att: bias block", _tile(g, h, op))
+    q = ("tri-att: q", _tile(g, hd, op))
+    state = ("tri-att: softmax acc + max/sum", _tile(g, hd + 2 * h, dt.F))
+    x_copy: Terms = [] if op == dt.A else [("tri-att: x in fp32", _tile(g, c, dt.F))]
+    build = x_copy + [("tri-att: x_ln", _tile(g, c, op)), kv, bias, q]
     if opts.kernels == "torch":
         what, loop = "tri-att: score block", _tile(g, opts.score_block_per_tile * c, dt.F)
-    else:
-        # one query-row chunk's output [rows, H, m, d] + LSE; no score block
-        rows = min(g.n, max(1, int(opts.score_block_per_tile * c) // h))
+    else:  # one query-row chunk's output [rows, H, m, d] + LSE; no score block
         what, loop = "tri-att: fused kernel's chunk output + LSE", rows * g.m * (hd + h) * dt.F
     if g.ranks > 1:
         what += " + next k|v|mask, bias in flight"
         loop += _tile(g, 2 * hd + 1 + h, op)
-    gating = _tile(g, hd, dt.F) + _tile(g, 2 * hd, op)
-    terms.append((what, loop) if loop >= gating else ("tri-att: gating o, sigmoid(g), o*g", gating))
-    return terms
+    ring = x_copy + [kv, bias, q, state, (what, loop)]
+    # o chunk (op) + layer_norm(x) chunk (F) + its op copy + g (op) + linear_o's output (op)
+    chunk = rows * g.m * (2 * hd * op + c * (dt.F + 2 * op))
+    gate = x_copy + [state, ("tri-att: output tile", _tile(g, c, dt.A)), ("tri-att: gating row chunk", chunk)]
+    return max((build, ring, gate), key=lambda t: sum(b for _, b in t))
 
 
 def triangle_mult_terms(g: Geometry, c: int, dt: Dtypes, opts: MemOptions = AS_BUILT) -> Terms:
@@ -190,26 +191,27 @@ def transpose_terms(g: Geometry, channels: float, nbytes: int, what: str) -> Ter
     return terms
 
 
+@functools.lru_cache(maxsize=None)
 def transpose_staging(rows: int, cols: int) -> float:
     """R x C `comm.transpose_exchange` of a [1, n, m, C] tile: the pieces a rank sends (copied
     unless they span the tile's columns) plus those it receives (separate buffers), not counting
     its own piece, in tiles; the largest over the ranks (2x3: 5/3, measured 1.67 at N=192).
     Block edges as `comm._overlap` cuts them, on a side of rows * cols."""
     side = rows * cols
+
     def overlap(pa, a, pb, b):  # length of block a of side/pa and block b of side/pb
         return max(0, min((a + 1) * side // pa, (b + 1) * side // pb) - max(a * side // pa, b * side // pb))
+
+    # The area a piece covers factorises (column part x row part) and whether it is copied
+    # depends on the row part only, so each rank's sum is separable: O(R + C) per rank.
     worst = 0
     for a in range(rows):
+        f = [overlap(rows, a, cols, pb) for pb in range(cols)]
+        f_all = sum(f)
         for b in range(cols):
-            moved = 0
-            for pa in range(rows):
-                for pb in range(cols):
-                    if (pa, pb) != (a, b):
-                        area = overlap(rows, a, cols, pb) * overlap(cols, b, rows, pa)
-                        # sent: copied unless it spans my tile's columns (then a contiguous view)
-                        moved += area * (overlap(cols, b, rows, pa) < side // cols)
-                        moved += area  # received (the same area, into its own buffer)
-            worst = max(worst, moved)
+            g = [overlap(cols, b, rows, pa) for pa in range(rows)]
+            weight = [gi * (2 if gi < side // cols else 1) for gi in g]  # sent copy + received
+            worst = max(worst, f_all * sum(weight) - f[b] * weight[a])
     return worst / (side // rows * side // cols)
 
 

@@ -76,15 +76,19 @@ def pair_layer_work(g: Geometry, c: int, hp: Hyper, dt: Dtypes, with_single: boo
     # step an A block on ring_j and a B block on ring_i (fp32), after a skew + fused transpose.
     trimul = Work(flops_act=12 * q * c * c, flops_fp32=2 * q * big_n * c,
                   bytes_elementwise=PASSES["trimul"] * q * c * dt.A, ops=30 + 2 * (g.rows + g.cols))
-    # Triangle attention (starting or ending node): all in fp32 (autocast off), scores
-    # materialised; per step the k|v|mask block on one ring and the bias block on the other.
+    # Triangle attention (starting or ending node): operands (x_ln, k|v|mask, bias, q) in the
+    # activation dtype, so under bf16 its contractions run at the bf16 rate (online softmax state
+    # and kernel accumulation fp32); scores materialised (torch) or on chip (fused); per step the
+    # k|v|mask block on one ring and the bias block on the other, in the activation dtype.
     score_rows = max(1, SCORE_BLOCK_PER_TILE * c // h)
-    triatt = Work(flops_fp32=10 * q * c * hd + 2 * q * c * h + 4 * q * big_n * hd,
-                  bytes_elementwise=PASSES["triatt"] * q * c * dt.F, bytes_scores=q * big_n * h * SCORE_PASSES_BYTES,
+    tri_flops = 10 * q * c * hd + 2 * q * c * h + 4 * q * big_n * hd
+    act_operands = dt.A < dt.F
+    triatt = Work(flops_act=tri_flops if act_operands else 0.0, flops_fp32=0.0 if act_operands else tri_flops,
+                  bytes_elementwise=PASSES["triatt"] * q * c * dt.A, bytes_scores=q * big_n * h * SCORE_PASSES_BYTES,
                   ops=25 + p * (10 + 12 * -(-n // score_rows)))
     transition = Work(flops_act=24 * q * c * c, bytes_elementwise=PASSES["transition"] * q * c * dt.A,
                       ops=4 + 7 * (4 * c // TRANSITION_CHUNK))
-    kv, bias, blk = (2 * hd + 1) * q * 4, h * q * 4, c * q * 4
+    kv, bias, blk = (2 * hd + 1) * q * dt.A, h * q * dt.A, c * q * 4
     if compact_wire:
         kv, bias, blk = (c + 1) * q * 2, h * q * 2, c * q * 2
         triatt.flops_act += (p - 1) * 4 * q * c * hd
