@@ -164,8 +164,9 @@ def _token_major_counts(dels: Tensor, c0: int, c1: int, rows: Tensor, num_rows: 
     where[rows] = torch.arange(len(rows), device=dels.device)
     at = where[part[:, 1]]
     keep = at >= 0
-    counts = torch.zeros((c1 - c0, len(rows)), dtype=torch.float, device=dels.device)
-    counts[part[keep, 0] - c0, at[keep]] = part[keep, 2].float()
+    vals = part[keep, 2].float()  # f64 where a parity case's dtype mode promotes .float()
+    counts = torch.zeros((c1 - c0, len(rows)), dtype=vals.dtype, device=dels.device)
+    counts[part[keep, 0] - c0, at[keep]] = vals
     return counts.transpose(1, 0)
 
 
@@ -215,7 +216,8 @@ def msa_features_block(feats: dict, cols: slice, rows: Tensor | None = None,
             out["has_deletion"][0, :, real] = counts > 0
         if "deletion_value" in keys:
             out["deletion_value"] = block(torch.float)
-            out["deletion_value"][0, :, real] = deletion_value(counts)
+            dv = out["deletion_value"]
+            dv[0, :, real] = torch.as_tensor(deletion_value(counts)).to(dv.dtype)
     return {k: out[k] for k in keys}
 
 
