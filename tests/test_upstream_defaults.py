@@ -202,6 +202,7 @@ def test_same_msa_rows_as_upstream(tmp_path, boltz_cache, tiny_ckpt):
     """A 2,000-row a3m: every row reaches the model, as with `boltz predict`'s defaults."""
     from boltz_cp.data.features import featurize_lean
     from boltz_cp.data.inputs import ProcessedDirs, parse_target, write_processed
+    from boltz_cp.data.msa_compact import msa_features_block
     from boltz_cp.data.synthetic import AMINO_ACIDS
     from boltz_cp.models.checkpoint import load_boltz2
 
@@ -219,6 +220,8 @@ def test_same_msa_rows_as_upstream(tmp_path, boltz_cache, tiny_ckpt):
     dirs = ProcessedDirs(tmp_path / "ours" / "processed").make()
     record = write_processed(parse_target(path, mol_dir, cfg.seed), path, dirs, cfg.max_msa_seqs)
     ours = featurize_lean(record, dirs, mol_dir, seed=cfg.seed, method=cfg.method)
+    # featurize_lean keeps the MSA compact; the model reads upstream's features decoded from it
+    ours.update(msa_features_block(ours, slice(0, ours["msa_residues"].shape[-1])))
 
     assert up["msa"].shape == (1, MSA_ROWS, LENGTH)
     assert bool((up["msa"] != up["msa"][:, :1]).any(-1)[0, 1:].all()), "every homolog differs from the query"
