@@ -1,4 +1,4 @@
-"""Ring shifts, transpose exchange and Cannon skew against values computed from full matrices;
+"""Ring shifts, ring all-gathers, transpose exchange and Cannon skew against values computed from full matrices;
 message counters pinned per rank.
 
 Tier: gloo CPU, 1x1 / 2x2 / 3x3, and the rectangular 1x2, 2x1, 2x3, 3x2, 2x4 (generic
@@ -14,6 +14,7 @@ from boltz_cp.distributed import (
     CPMesh,
     comm_counters,
     reset_comm_counters,
+    ring_all_gather,
     ring_shift,
     skew,
     transpose_exchange,
@@ -50,6 +51,28 @@ def test_ring_shift_values_and_counts(run_on_mesh, p, ring, shift):
         assert counts["bytes_sent"] == NBYTES * int(moves)
         assert counts["local_copy"] == int(not moves)
         assert counts["transpose"] == counts["skew"] == 0
+
+
+def _gather(mesh: CPMesh, ring: str):
+    reset_comm_counters()
+    out = ring_all_gather(_tile_of(mesh.rank), mesh, ring).wait()
+    return out, comm_counters()
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (2, 2), (3, 3), (2, 3)])
+@pytest.mark.parametrize("ring", ["i", "j"])
+def test_ring_all_gather_values_and_counts(run_on_mesh, rows, cols, ring):
+    for rank, (out, counts) in enumerate(run_on_mesh(_gather, rows, cols, ring)):
+        r, c = divmod(rank, cols)
+        # Indexed by ring position: c' on ring_j (my tile row), r' on ring_i (my tile column).
+        want = [r * cols + k for k in range(cols)] if ring == "j" else [k * cols + c for k in range(rows)]
+        assert len(out) == len(want)
+        for got, src in zip(out, want):
+            torch.testing.assert_close(got, _tile_of(src), rtol=0, atol=0)
+        size = len(want)
+        assert counts.get("all_gather", 0) == int(size > 1)
+        assert counts["bytes_sent"] == NBYTES * (size - 1)
+        assert counts["local_copy"] == int(size == 1)
 
 
 def _both_rings_in_flight(mesh: CPMesh):

@@ -138,11 +138,11 @@ def _expected(p, coord, name, n, heads=2, width=8, batch=1):
     r, c = coord
     if p == 1:
         return {"ring_shift": 0, "transpose": 0, "skew": 0, "broadcast": 0, "local_copy": 0, "bytes_sent": 0}
-    kv_skew, bias_skew = (r != 0, c != 0) if name == "triatt_start" else (c != 0, r != 0)
     tile = batch * (-(-n // (p * p)) * p) ** 2 * 8  # bytes of one float64 channel of a tile
-    kv_msgs = (p - 1) + kv_skew
-    bias_msgs = (p - 1) + bias_skew + (r != c)
-    return {"ring_shift": 2 * (p - 1), "transpose": int(r != c), "skew": int(kv_skew) + int(bias_skew),
+    # kv: p - 1 ring shifts; bias: the transpose off the diagonal, and the all_gather on the
+    # bias ring counted as p - 1 tiles. No skew on either node.
+    kv_msgs, bias_msgs = p - 1, (p - 1) + (r != c)
+    return {"ring_shift": p - 1, "transpose": int(r != c), "skew": 0, "all_gather": 1,
             "broadcast": 0, "local_copy": 0, "bytes_sent": tile * (kv_msgs * (2 * heads * width + 1) + bias_msgs * heads)}
 
 
@@ -153,9 +153,12 @@ def test_message_counts(run_on_mesh, name, side):
     results = run_on_mesh(_count_messages, side, side, name, n)
     for coord, counts in results:
         assert counts == _expected(side, coord, name, n), (coord, counts)
-    if side == 2:  # the table of the docstring: (transpose, skew, ring_shift) per rank
-        table = [(c["transpose"], c["skew"], c["ring_shift"]) for _, c in results]
-        assert table == [(0, 0, 2), (1, 1, 2), (1, 1, 2), (0, 2, 2)]
+    if side > 1:  # the table of the docstring: (transpose, all_gather, ring_shift) per rank
+        table = [(c["transpose"], c["all_gather"], c["ring_shift"]) for _, c in results]
+        if side == 2:
+            assert table == [(0, 1, 1), (1, 1, 1), (1, 1, 1), (0, 1, 1)]
+        else:
+            assert table[4] == (0, 1, 2)
 
 
 @pytest.mark.parametrize("name", NAMES)

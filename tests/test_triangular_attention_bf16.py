@@ -43,8 +43,8 @@ def test_bf16_mixed_wire_is_bf16_and_verdict_holds(run_on_mesh, name):
     n, p, heads, width = 37, 2, 2, 8  # tiny widths: 2 heads x 8
     tile_elems = (-(-n // (p * p)) * p) ** 2  # elements of one channel of a padded tile
     for (r, c), sent, ok, detail in run_on_mesh(_bf16_bytes_and_verdict, p, p, name, n):
-        kv_skew, bias_skew = (r != 0, c != 0) if name == "triatt_start" else (c != 0, r != 0)
-        kv_msgs, bias_msgs = (p - 1) + kv_skew, (p - 1) + bias_skew + (r != c)
+        # kv: p - 1 ring shifts; bias: transpose (off the diagonal) + all_gather (p - 1 tiles)
+        kv_msgs, bias_msgs = p - 1, (p - 1) + (r != c)
         # 2 bytes per element: k|v|mask and the bias travel in bf16
         assert sent == 2 * tile_elems * (kv_msgs * (2 * heads * width + 1) + bias_msgs * heads), (r, c)
         assert ok, detail

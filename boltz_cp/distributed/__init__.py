@@ -9,6 +9,7 @@ from boltz_cp.distributed.comm import (
     column_block,
     comm_counters,
     reset_comm_counters,
+    ring_all_gather,
     ring_shift,
     skew,
     transpose_exchange,
@@ -42,6 +43,6 @@ __all__ = [
     "CPMesh", "DistContext", "MESH_DIM_NAMES", "MSA", "PAIR", "Pending", "SINGLE_BY_I", "SINGLE_FULL",
     "any_rank_failed", "check_mesh_size", "column_block", "check_placements", "comm_counters", "convert_rank", "gather_pair",
     "gather_single", "init_distributed", "pad_tokens", "padded_size", "pair_from_tile",
-    "parse_mesh", "reset_comm_counters", "Ring", "as_ring", "ring_shift", "shard_pair", "shard_single",
+    "parse_mesh", "reset_comm_counters", "Ring", "as_ring", "ring_all_gather", "ring_shift", "shard_pair", "shard_single",
     "shutdown_distributed", "single_from_local", "skew", "tile_bounds", "transpose_exchange", "TokenLayout",
 ]

@@ -24,6 +24,9 @@ Communication per call, for a tile x on rank (r, c) of an R x C mesh:
   by c along ring_i: rank (r, c) sends to (r-c, c) and receives the block of (r+c, c); it
   now holds B[(r+c) mod R, c]. Column 0 does a local clone.
 - ``inverse=True`` undoes a skew (shifts right by r / down by c).
+- ``ring_all_gather(x, mesh, ring)``: every member's x, in ring-position order (one
+  collective on the ring's group; counted as 1 "all_gather" and (size - 1) copies of x in
+  bytes_sent, what my block costs the ring; the key appears only once used).
 After both skews rank (r, c) holds A[r, k] and B[k, c] with k = (r+c) mod p; each Cannon step
 then shifts A by -1 on ring_j and B by -1 on ring_i.
 
@@ -52,7 +55,8 @@ def comm_counters() -> dict[str, int]:
     """Messages sent by this rank since the last reset, per primitive, plus bytes sent.
 
     Keys: "ring_shift", "transpose", "skew" (messages sent; a local clone counts 0),
-    "broadcast" (SUMMA broadcasts rooted here, distributed/summa.py),
+    "broadcast" (SUMMA broadcasts rooted here, distributed/summa.py), and once used
+    "all_gather" (ring all-gathers joined, `ring_all_gather`),
     "local_copy" (calls served without communication), "bytes_sent".
     """
     out = {"ring_shift": 0, "transpose": 0, "skew": 0, "broadcast": 0, "local_copy": 0, "bytes_sent": 0}
@@ -257,3 +261,20 @@ def skew(x: torch.Tensor, mesh: CPMesh, ring: str = "j", *, inverse: bool = Fals
     amount = r if ring == Ring.RING_J else c
     shift = amount if inverse else -amount
     return ring_shift(x, mesh, ring, shift, tag=tag, _kind="skew")
+
+
+def ring_all_gather(x: torch.Tensor, mesh: CPMesh, ring: str = "j") -> Pending:
+    """Every member's x along ``ring``: ``wait()`` returns a list indexed by ring position
+    (c on ring_j, r on ring_i; my own entry is a copy of x). Asynchronous; all members must
+    call it with tiles of the same shape and dtype. A ring of size 1 returns [x] (no copy)."""
+    ring = as_ring(ring)
+    size = mesh.cols if ring == Ring.RING_J else mesh.rows
+    if size == 1:
+        _COUNTERS["local_copy"] += 1
+        return Pending([x], [])
+    send = x.contiguous()
+    parts = [torch.empty_like(send) for _ in range(size)]
+    work = dist.all_gather(parts, send, group=mesh.ring(ring), async_op=True)
+    _COUNTERS["all_gather"] += 1
+    _COUNTERS["bytes_sent"] += (size - 1) * send.numel() * send.element_size()
+    return Pending(parts, [work], send)

@@ -8,28 +8,34 @@ Communication per call, on rank (r, c) of a p x p mesh (p > 1), with n = n_padde
 kv = [B, n, n, 2*H*c_hidden + 1] (k, v and the mask tile) and bias = [B, n, n, H], both in the
 operand dtype (bf16 under precision=bf16-mixed, else the compute dtype >= fp32):
     1 transpose of the bias tile (0 on the diagonal r == c);
-    skews: 1 of kv when its shift is non-zero + 1 of bias when its shift is non-zero
-        (starting node: kv on ring_j by -r, bias on ring_i by -c; ending node: kv on ring_i
-        by -c, bias on ring_j by -r), i.e. [r != 0] + [c != 0] messages;
-    2(p - 1) ring shifts: p - 1 of kv (starting: ring_j, ending: ring_i) and p - 1 of bias
-        (the other ring).
-    No message on 1 x 1. E.g. 2 x 2, starting or ending node, ranks 0..3: (transpose, skew,
-    ring_shift) = (0,0,2), (1,1,2), (1,1,2), (0,2,2); 3 x 3, rank 4 = (1,1): (0,2,4).
+    1 all_gather of the (transposed) bias tile on the bias ring (starting node: ring_i,
+        ending node: ring_j), counted as p - 1 bias tiles in bytes_sent;
+    p - 1 ring shifts of kv on the kv ring (starting: ring_j, ending: ring_i). No skew.
+    No message on 1 x 1. E.g. 2 x 2, starting or ending node, ranks 0..3: (transpose,
+    all_gather, ring_shift) = (0,1,1), (1,1,1), (1,1,1), (0,1,1); 3 x 3, rank 4 = (1,1): (0,1,2).
 Upstream twin: boltz/model/layers/triangular_attention/attention.py TriangleAttention
 (= TriangleAttentionStartingNode) and TriangleAttentionEndingNode.
 
 Algorithm (starting node; for each row i, query (i, j) attends keys (i, k) with bias
 b[j, k] = linear(layer_norm(z))[j, k] and mask bias inf * (mask[i, k] - 1)). Rank (r, c)
 keeps its queries z[I_r, J_c]. It needs, for every key block m, k/v/mask[I_r, J_m] (owned by
-(r, m), same tile row) and b[J_c, J_m] (computed on (c, m)). Cannon's schedule delivers both
-in step: after one transpose exchange rank (r, c) holds b[J_c, J_r]; skewing kv by -r along
-ring_j and the bias by -c along ring_i makes step s use block m = (r + c + s) mod p for both,
-and each further step shifts both by -1 on their rings. (A skew is unavoidable: without it
-all ranks of tile column c would need the same bias block at the same step, a broadcast.)
-The next step's shifts are posted before the current block is computed, so they overlap.
-Partial results merge with an online softmax (`boltz_cp.layers._softmax`), in at least fp32.
+(r, m), same tile row) and b[J_c, J_m] (computed on (c, m)). On a square mesh step s uses key
+block m = (c + s) mod p: kv is shifted by -1 on ring_j each step (no skew: step 0 is my own
+tile), the next shift posted before the current block is computed, so it overlaps. The bias
+row block b[J_c, :] is small (H channels), so it is fetched whole: after one transpose
+exchange rank (r, c) holds b[J_c, J_r], and the ranks (r', c) of my ring_i together hold
+b[J_c, J_r'] for every r'; one all_gather on ring_i, indexed by ring position = key block,
+gives every block I need. Both are posted as soon as the bias tile exists and travel while
+k|v|mask and q are computed. (Cannon's skew, which aligns kv and bias blocks step by step
+instead, costs a whole exposed kv transfer before the loop.) Partial results merge with an
+online softmax (`boltz_cp.layers._softmax`), in at least fp32; only the merge order depends
+on the schedule.
 The ending node is the starting node of z^T: the tile is transposed locally (rank (r, c) then
-holds tile (c, r) of z^T) and the rings swap roles; z is never transposed globally.
+holds tile (c, r) of z^T) and the rings swap roles; z is never transposed globally. In z^T's
+coordinates I am (c, r), so my position on the kv ring (ring_i: r) plays c above, and the
+transposed bias tile, b'[J'_r, J'_c], gathered on the bias ring (ring_j, position c) gives
+b'[J'_r, J'_m] at list index m. Both nodes: m = (my kv-ring position + s) mod p and bias
+block m = gathered[m].
 
 Rectangular R x C meshes: the same queries and online softmax, but key blocks cannot be aligned
 by a skew, so they arrive on the broadcast schedule of distributed/summa.py: the bias tile
@@ -42,13 +48,15 @@ Each (query-row chunk, key block) pair is one `boltz_cp.kernels.attend_block` ca
 triangle bias shared by every row (kernels.attention picks the backend): the fused backend
 never materialises scores, the torch backend holds one chunk's [rows, H, n, n] score block.
 
-Memory per rank: O(n^2) tiles (q, k, v, the output accumulator, two kv and two bias buffers)
-plus, with the torch backend, the score block of one query-row chunk, [rows, H, n, n]; no
-tensor has a full N dim. x_ln is released before the ring loop; the gate (its layer norm
-recomputed from x) and linear_o run by query-row chunks into one output tile, so the end of the
-call holds the accumulator + the output + one chunk. Operands (x_ln, k|v|mask, bias, q) are in
-the autocast dtype under autocast (upstream's autocast linears give the same bf16 values); the
-softmax state and the kernels' accumulation stay >= fp32; without autocast nothing changes.
+Memory per rank: O(n^2) tiles (q, k, v, the output accumulator, two kv buffers, and the bias:
+on a square mesh the gathered row block, p blocks of H channels, each released once used; on a
+rectangular one two bias buffers) plus, with the torch backend, the score block of one
+query-row chunk, [rows, H, n, n]; no tensor has a full N dim. x_ln is released before the ring
+loop; the gate (its layer norm recomputed from x) and linear_o run by query-row chunks into one
+output tile, so the end of the call holds the accumulator + the output + one chunk. Operands
+(x_ln, k|v|mask, bias, q) are in the autocast dtype under autocast (upstream's autocast linears
+give the same bf16 values); the softmax state and the kernels' accumulation stay >= fp32;
+without autocast nothing changes.
 """
 
 from __future__ import annotations
@@ -64,12 +72,10 @@ from boltz_cp.distributed import summa
 from boltz_cp.distributed import (
     PAIR,
     Pending,
-    Ring,
     TokenLayout,
-    as_ring,
     check_placements,
+    ring_all_gather,
     ring_shift,
-    skew,
     transpose_exchange,
 )
 from boltz_cp.kernels import attend_block
@@ -138,18 +144,24 @@ def _attend(mod, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, kv_ri
     rows = chunk_size or max(1, SCORE_BLOCK_PER_TILE * x.shape[-1] // heads)
 
     x_ln = _layer_norm(mod, x).to(op)
+    bias_tile = _linear(mod.linear, x_ln)  # triangle bias of my tile, b[I, J] [B, n_i, n_j, H]
+    # Square mesh: the bias row block's transpose travels while k|v|mask is computed, its
+    # all_gather while q is (independent products: the order changes no value).
+    pending_bias = _transposed(bias_tile, mesh) if mesh.is_square else None
     # kv tile: [k | v | mask] in one buffer, so it travels as one message.
     w_kv = torch.cat([att.linear_k.weight, att.linear_v.weight]).to(op)
     w_kv = torch.cat([w_kv, w_kv.new_zeros(1, w_kv.shape[1])])
     kv_tile = F.linear(x_ln, w_kv)
     kv_tile[..., -1] = mask
-    bias_tile = _linear(mod.linear, x_ln)  # triangle bias of my tile, b[I, J] [B, n_i, n_j, H]
+    if pending_bias is not None:
+        pending_bias = _gathered(pending_bias.wait(), mesh, bias_ring)
     # [B, n_i, H, n_j, d], scaled as upstream does.
     q = _linear(att.linear_q, x_ln).view(bsz, n, n_j, heads, width).permute(0, 1, 3, 2, 4)
     q = q / math.sqrt(width)
     del x_ln  # the gate recomputes it per row chunk from x: not alive through the ring loop
     if mesh.is_square:
-        blocks = _cannon_blocks(kv_tile, bias_tile, layout, kv_ring, bias_ring)
+        blocks = _ring_blocks(kv_tile, pending_bias, layout, kv_ring)
+        del pending_bias
     else:
         grid = mesh.grid(transposed=kv_ring == "i")
         bias_t = transpose_exchange(bias_tile, mesh, grid=grid).wait()  # b[J, K of the bias ring]
@@ -245,37 +257,38 @@ def _masked_rows(mod, q, k, v, key_ok, tri_bias) -> _softmax.SoftmaxState:
     return _softmax.partial_(scores, v)
 
 
-def _cannon_blocks(kv_tile, bias_tile, layout: TokenLayout, kv_ring: str, bias_ring: str):
-    """Square mesh: yields (lo, hi, kv block, bias block) per Cannon step, key block
-    m = (r + c + step) mod p; the next step's shifts are posted before a block is used."""
-    mesh = layout.mesh
-    p, (r, c) = mesh.rows, mesh.coord
-    n = kv_tile.shape[2]
-    pending_kv = _skew(kv_tile, mesh, kv_ring)
-    # The partner sends me b of tile (c, r).
-    bias_t = bias_tile if r == c else transpose_exchange(bias_tile, mesh).wait()
-    pending_bias = _skew(bias_t, mesh, bias_ring)
-    del kv_tile, bias_tile, bias_t
+def _transposed(bias_tile: torch.Tensor, mesh) -> Pending:
+    """Square mesh: b of tile (c, r) from my transpose partner (my own tile on the diagonal)."""
+    r, c = mesh.coord
+    return _ready(bias_tile) if r == c else transpose_exchange(bias_tile, mesh)
 
-    def steps(pending_kv, pending_bias):  # the skews above are in flight while q is computed
+
+def _gathered(bias_t: torch.Tensor, mesh, bias_ring: str) -> Pending:
+    """Square mesh: every transposed bias tile of my bias ring, a list indexed by key block."""
+    if mesh.rows == 1:
+        return _ready([bias_t])
+    return ring_all_gather(bias_t, mesh, bias_ring)
+
+
+def _ring_blocks(kv_tile: torch.Tensor, pending_bias: Pending, layout: TokenLayout, kv_ring: str):
+    """Square mesh: yields (lo, hi, kv block, bias block) per step, key block m = (pos + step)
+    mod p with pos my position on the kv ring; kv is shifted by -1 on it each step, the next
+    shift posted before a block is used. Bias blocks come from the gathered list."""
+    mesh = layout.mesh
+    p, pos = mesh.rows, mesh.ring_position(kv_ring)
+    n = kv_tile.shape[2]
+
+    def steps(pending_kv):
         for step in range(p):
-            kv_m, bias_m = pending_kv.wait(), pending_bias.wait()
-            if step < p - 1:  # post the next block's transfers before computing this one
+            kv_m = pending_kv.wait()
+            if step < p - 1:  # post the next block's shift before computing this one
                 pending_kv = ring_shift(kv_m, mesh, kv_ring, -1)
-                pending_bias = ring_shift(bias_m, mesh, bias_ring, -1)
-            m = (r + c + step) % p
+            m = (pos + step) % p
+            row = pending_bias.wait()  # waits for the all_gather at step 0 only
+            bias_m, row[m] = row[m], None  # each block is used once: not kept after
             yield m * n, (m + 1) * n, kv_m, bias_m
 
-    return steps(pending_kv, pending_bias)
-
-
-def _skew(x: torch.Tensor, mesh, ring: str) -> Pending:
-    """Cannon skew of x along ``ring`` (see `boltz_cp.distributed.comm.skew`); no copy when
-    my shift is zero."""
-    r, c = mesh.coord
-    if (r if as_ring(ring) == Ring.RING_J else c) % mesh.rows == 0:
-        return _ready(x)
-    return skew(x, mesh, ring)
+    return steps(_ready(kv_tile))
 
 
 class TriangleAttention(_TriangleAttentionCP, upstream.TriangleAttention):
