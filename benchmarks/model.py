@@ -93,13 +93,21 @@ def compare(report: dict, opts: MemOptions = AS_BUILT) -> dict:
             rows.append((st["stage"], st["peak_bytes_max"], mem[key]))
     fwd = max(r["forward_act_bytes"] for r in report["ranks"])
     times = stage_time(g, hp, replace(CPU_HERE, fused_attention=kernels == "fused"), "fp32")
-    trows = []
+    ops = stage_ops(g, hp, fused=kernels == "fused")
+    trows, orows = [], []
     for st in report["stages"]:
         if st["stage"] in BENCH_TIME_STAGES:
             key = BENCH_TIME_STAGES[st["stage"]]
             trows.append((st["stage"], st.get("cpu_seconds_max"), times[key]["total"]))
+            orows.append((st["stage"], st.get("launches_rank0"), ops[key]))
     return {"n": report["n_tokens"], "mesh": report["mesh"], "memory": rows, "forward_measured": fwd,
-            "forward_model": max(mem.values()), "time": trows, "geometry": g, "hyper": hp}
+            "forward_model": max(mem.values()), "time": trows, "ops": orows, "geometry": g, "hyper": hp}
+
+
+def stage_ops(g: Geometry, hp: Hyper, fused: bool = True) -> dict[str, float]:
+    """Per stage and forward: the kernel launches the model counts on one rank (`Work.ops`)."""
+    return {name: sum(m * w.ops for w, m in stage) * calls
+            for name, (stage, calls) in stage_work(g, hp, fused=fused).items()}
 
 
 def print_check(paths: list[str], opts: MemOptions = AS_BUILT) -> None:
@@ -121,6 +129,12 @@ def print_check(paths: list[str], opts: MemOptions = AS_BUILT) -> None:
         for name, meas, mod in r["time"]:
             if meas:
                 print(f"| {name} | {meas:.2f} | {mod:.2f} | {mod / meas:.2f} |")
+        if any(meas for _, meas, _ in r["ops"]):
+            print("\n| stage | measured kernel launches (rank 0) | model ops | model / measured |")
+            print("|---|---|---|---|")
+            for name, meas, mod in r["ops"]:
+                if meas:
+                    print(f"| {name} | {meas:,} | {mod:,.0f} | {mod / meas:.2f} |")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,7 +157,7 @@ def predict_case(n_tokens: int, side: int, inter_node: bool, hp: Hyper = BOLTZ2,
         out["memory"][prec] = memory_summary(g, hp, prec)
     for kind, prec, wire in (("as implemented", "fp32", False), ("as implemented", "bf16", False),
                              ("tf32", "bf16", False), ("fused", "bf16", False), ("fused", "bf16", True)):
-        mach = h100_variant("fused+bf16" if kind == "fused" else kind, inter_node)
+        mach = h100_variant(kind, inter_node)
         total, st = sample_time(g, hp, mach, prec, wire)
         free_links = replace(mach, ring_j_bytes=math.inf, ring_i_bytes=math.inf, latency=0.0)
         label = kind + (" + compact wire" if wire else "")
@@ -253,7 +267,7 @@ def stage_features(g: Geometry, hp: Hyper, precision: str = "fp32",
     kernels='fused' the attention scores never reach memory (as `work_time` with fused_attention)."""
     out = {}
     scores = 0.0 if kernels == "fused" else 1.0
-    for name, (stage, calls) in stage_work(g, hp, precision).items():
+    for name, (stage, calls) in stage_work(g, hp, precision, fused=kernels == "fused").items():
         f = sum(m * w.flops for w, m in stage) * calls
         b = sum(m * (w.bytes_elementwise + scores * w.bytes_scores) for w, m in stage) * calls
         o = sum(m * w.ops for w, m in stage) * calls
@@ -350,7 +364,7 @@ def main() -> None:
         for name, (stage, calls) in stage_work(g, BOLTZ2, "bf16").items():
             if name == "pairformer":
                 for kind in ("as implemented", "fused"):
-                    m2 = h100_variant("fused+bf16" if kind == "fused" else kind, inter_node=inter)
+                    m2 = h100_variant(kind, inter_node=inter)
                     busy = [work_time(replace(w, ring=None, bytes_exposed=0, latency_msgs=0), m2, "bf16")
                             for w, _ in stage[:4]]
                     full = [work_time(w, m2, "bf16") for w, _ in stage[:4]]

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 MIB = 2**20
 
@@ -55,9 +56,45 @@ def rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class HeapMeter(TorchDispatchMode):
+def _data_ptrs(tree) -> set[int]:
+    """Storage addresses of the dense tensors in a pytree (sparse ones have no storage)."""
+    return {t.untyped_storage().data_ptr() for t in tree_leaves(tree)
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+
+
+def launches_kernel(func, args, kwargs, out) -> bool:
+    """Whether an aten op would launch a device kernel: it writes in place, or returns a tensor
+    with storage of its own (not a view, alias or no-op cast of an input, not an allocation
+    alone, not a Python value such as promote_types' dtype)."""
+    if func._schema.is_mutable:
+        return True
+    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if not outs or func.__name__.startswith("empty"):
+        return False
+    if any(t.layout != torch.strided for t in outs):
+        return True
+    return not _data_ptrs(outs) <= _data_ptrs((args, kwargs))
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched in the block (`ops`, what eager dispatch pays for) and,
+    of those, the ones that launch a kernel (`launches`, see `launches_kernel`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.launches = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        self.launches += launches_kernel(func, args, kwargs or {}, out)
+        return out
+
+
+class HeapMeter(OpCounter):
     """CPU: within the block, `peak()` is the largest heap_in_use() seen after any aten op since
-    the last `reset()`."""
+    the last `reset()`; it counts ops and kernel launches as `OpCounter`."""
 
     kind = "cpu heap"
 
@@ -67,7 +104,7 @@ class HeapMeter(TorchDispatchMode):
         self.max_seen = self._peak
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = super().__torch_dispatch__(func, types, args, kwargs)
         now = heap_in_use()
         if now > self._peak:
             self._peak = now
@@ -122,6 +159,7 @@ class _Open:
     start: int
     peak: int
     ref: int | None
+    ops: int | None  # the meter's kernel launches when the stage began
 
 
 @dataclass
@@ -148,7 +186,8 @@ class StageRecorder:
             o.peak = max(o.peak, peak)
         self.meter.reset()
         now = self.meter.now()
-        self._open.append(_Open(name, time.perf_counter(), time.process_time(), now, now, self.ref))
+        self._open.append(_Open(name, time.perf_counter(), time.process_time(), now, now, self.ref,
+                                getattr(self.meter, "launches", None)))
 
     def end(self, name: str) -> None:
         self.sync()
@@ -162,6 +201,7 @@ class StageRecorder:
         ref = o.start if o.ref is None else o.ref
         self.records.append({"stage": name, "start": o.t0 - self.t_origin, "seconds": t1 - o.t0,
                              "cpu_seconds": cpu1 - o.cpu0, "peak_bytes": peak - ref,
+                             "launches": None if o.ops is None else self.meter.launches - o.ops,
                              "depth": len(self._open)})
         if self.log is not None and len(self._open) <= 1:
             self.log(f"{name}: {t1 - o.t0:.2f} s, peak {(peak - ref) / MIB:.1f} MiB")
@@ -267,12 +307,14 @@ def aggregate(every: list[dict]) -> list[dict]:
             if r["rank"] == every[0]["rank"] or rec["stage"] not in first_start:
                 first_start[rec["stage"]] = min(first_start.get(rec["stage"], rec["start"]), rec["start"])
             mine = row["per_rank"].setdefault(r["rank"], {"calls": 0, "seconds": 0.0, "cpu_seconds": 0.0,
-                                                          "peak_bytes": None})
+                                                          "peak_bytes": None, "launches": None})
             mine["calls"] += 1
             mine["seconds"] += rec["seconds"]
             mine["cpu_seconds"] += rec.get("cpu_seconds") or 0.0
             if rec["peak_bytes"] is not None:
                 mine["peak_bytes"] = max(mine["peak_bytes"] or 0, rec["peak_bytes"])
+            if rec.get("launches") is not None:
+                mine["launches"] = (mine["launches"] or 0) + rec["launches"]
     rows = []
     for name in sorted(first_start, key=lambda k: (first_start[k], -len(k))):
         row = table[name]
@@ -285,6 +327,7 @@ def aggregate(every: list[dict]) -> list[dict]:
             "seconds_per_call": first["seconds"] / max(1, first["calls"]),
             "cpu_seconds_rank0": first["cpu_seconds"],
             "cpu_seconds_max": max(v["cpu_seconds"] for v in ranks.values()),
+            "launches_rank0": first["launches"],
             "peak_bytes_max": max(peaks) if peaks else None,
             "peak_bytes_per_rank": {str(k): v["peak_bytes"] for k, v in sorted(ranks.items())},
         })

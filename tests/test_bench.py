@@ -69,6 +69,7 @@ def test_bench_report_structure(tiny_report):
     for name in ("trunk: pairformer", "sampling (all steps)", "confidence"):  # nested in the forward
         assert 0 <= stages[name]["peak_bytes_max"] <= forward["peak_bytes_max"]
         assert stages[name]["depth"] >= 1
+        assert 0 < stages[name]["launches_rank0"] < forward["launches_rank0"]  # kernel launches counted, nested
     (rank,) = rep["ranks"]
     assert rank["forward_act_bytes"] == forward["peak_bytes_max"]
     assert rank["rss_peak_bytes"] > rank["forward_act_bytes"] > 0 and rank["parameter_bytes"] > 0
@@ -78,6 +79,10 @@ def test_report_feeds_the_model(tiny_report):
     _, rep = tiny_report
     r = model.compare(rep)
     assert r["memory"] and all(math.isfinite(m) and m > 0 for _, _, m in r["memory"])
+    ops = {name: (meas, mod) for name, meas, mod in r["ops"]}
+    assert all(meas > 0 for meas, _ in ops.values())  # kernel launches counted per stage
+    for name in ("trunk: pairformer", "trunk: MSA module", "diffusion step (score model)", "confidence: pairformer"):
+        assert ops[name][1] > 0, name  # ... and the plan counts them where it charges dispatch
 
 
 def test_bench_settings():

@@ -73,15 +73,15 @@ def _custom_parity(mesh, n, mask, multiplicity, chunk_pairs=None):
     from boltz_cp.parity.reference import fp64_reference
 
     up, cp, x, layout = _setup(mesh, n, batch=2, multiplicity=multiplicity, mask=mask)
-    default_chunk = attentionv2.CHUNK_PAIRS
-    attentionv2.CHUNK_PAIRS = chunk_pairs or default_chunk
+    default_chunk = attentionv2.CHUNK_ELEMENTS
+    attentionv2.CHUNK_ELEMENTS = chunk_pairs * C_Z if chunk_pairs else default_chunk
     try:
         with torch.inference_mode():
             with fp64_reference():
                 ref = up(s=x["s"], z=x["z"], mask=x["mask"], k_in=x["s"], multiplicity=multiplicity)
             out_dt = _cp_forward(cp, x, layout, multiplicity)
     finally:
-        attentionv2.CHUNK_PAIRS = default_chunk
+        attentionv2.CHUNK_ELEMENTS = default_chunk
     padded = gather_single(out_dt, mesh, None)  # pad query rows included
     out = padded[:, :n]
     torch.testing.assert_close(out, ref)

@@ -7,8 +7,9 @@ from boltz_cp.kernels.attention import (
     BACKENDS,
     attend_block,
     current_backend,
+    resolve,
     set_backend,
     use_backend,
 )
 
-__all__ = ["BACKENDS", "attend_block", "current_backend", "set_backend", "use_backend"]
+__all__ = ["BACKENDS", "attend_block", "current_backend", "resolve", "set_backend", "use_backend"]

@@ -78,7 +78,7 @@ from boltz_cp.distributed import (
     ring_shift,
     transpose_exchange,
 )
-from boltz_cp.kernels import attend_block
+from boltz_cp.kernels import attend_block, resolve
 from boltz_cp.layers import _softmax
 from boltz_cp.layers._dtensor import like
 from boltz_cp.layers._precision import wire_dtype
@@ -87,6 +87,17 @@ from boltz_cp.layers._precision import wire_dtype
 # many elements as the pair tile itself (times this factor), so the transient memory falls
 # as 1/P with the tile instead of being a fixed cost per rank. Results do not depend on it.
 SCORE_BLOCK_PER_TILE = 1
+# A fused kernel keeps no score block: a chunk's transients are its rows' output, the merge's
+# and the gate's temporaries, about this many fp32 copies of its rows of the tile; chunks are
+# sized to the same budget, so far fewer of them (each costs ~50 ops of dispatch on a GPU).
+FUSED_ROW_COPIES = 3
+
+
+def chunk_rows(fused: bool, rows_i: int, channels: int, heads: int, per_tile: float = SCORE_BLOCK_PER_TILE) -> int:
+    """Query rows per chunk of a tile with rows_i rows (torch: by score block; fused: by rows)."""
+    if fused:
+        return max(1, math.ceil(per_tile * rows_i / FUSED_ROW_COPIES))
+    return max(1, int(per_tile * channels) // heads)
 
 
 def _linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +117,7 @@ class _TriangleAttentionCP:
                 chunk_size: int | None = None) -> DTensor:
         """Triangle attention update of x (no residual), [B, N, N, C_z] PAIR.
 
-        chunk_size: query rows per score block (None: from SCORE_BLOCK_PER_TILE).
+        chunk_size: query rows per chunk (None: `chunk_rows` for the kernel that runs).
         """
         name = type(self).__name__
         check_placements(f"{name}.x", x, PAIR)
@@ -141,7 +152,8 @@ def _attend(mod, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, kv_ri
     hd = heads * width
     bsz, n, n_j = x.shape[:3]
     att = mod.mha
-    rows = chunk_size or max(1, SCORE_BLOCK_PER_TILE * x.shape[-1] // heads)
+    fused = resolve(None, x.device, op) != "torch"
+    rows = chunk_size or chunk_rows(fused, n, x.shape[-1], heads)
 
     x_ln = _layer_norm(mod, x).to(op)
     bias_tile = _linear(mod.linear, x_ln)  # triangle bias of my tile, b[I, J] [B, n_i, n_j, H]

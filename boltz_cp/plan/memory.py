@@ -21,14 +21,16 @@ import functools
 
 from dataclasses import dataclass
 
-from boltz_cp.layers.attentionv2 import CHUNK_PAIRS as APB_CHUNK_PAIRS
+from boltz_cp.layers.attentionv2 import chunk_rows as apb_chunk_rows
 from boltz_cp.layers.transition import CHUNK_HIDDEN as TRANSITION_CHUNK
 from boltz_cp.layers.triangular_attention import SCORE_BLOCK_PER_TILE
+from boltz_cp.layers.triangular_attention import chunk_rows as triatt_chunk_rows
 from boltz_cp.modules.encodersv2 import CHUNK_PAIRS as RELPOS_CHUNK_PAIRS
 from boltz_cp.plan.model import BOLTZ2, Dtypes, Geometry, Hyper, weights_bytes
 
 __all__ = [
-    "APB_CHUNK_PAIRS",
+    "apb_chunk_rows",
+    "triatt_chunk_rows",
     "AS_BUILT",
     "KERNELS",
     "RELPOS_CHUNK_PAIRS",
@@ -128,20 +130,23 @@ def triangle_attention_terms(g: Geometry, c: int, hp: Hyper, dt: Dtypes, opts: M
     """
     hd, h = hp.tri_hd, hp.tri_heads
     op = dt.A if opts.tri_att_act_dtype else dt.F  # operand dtype
-    rows = min(g.n, max(1, int(opts.score_block_per_tile * c) // h))  # query rows per chunk
+    fused = opts.kernels != "torch"
+    # query rows per chunk (layers/triangular_attention.py chunk_rows, at this option's budget)
+    rows = min(g.n, triatt_chunk_rows(fused, g.n, c, h, opts.score_block_per_tile))
     kv = ("tri-att: k|v|mask block", _tile(g, 2 * hd + 1, op))
-    bias = ("tri-att: bias block", _tile(g, h, op))
+    # square: the bias row block all-gathered (p blocks of H channels); R x C: one block
+    bias = ("tri-att: bias blocks", _tile(g, h * (g.side if g.is_square else 1), op))
     q = ("tri-att: q", _tile(g, hd, op))
     state = ("tri-att: softmax acc + max/sum", _tile(g, hd + 2 * h, dt.F))
     x_copy: Terms = [] if op == dt.A else [("tri-att: x in fp32", _tile(g, c, dt.F))]
     build = x_copy + [("tri-att: x_ln", _tile(g, c, op)), kv, bias, q]
     if opts.kernels == "torch":
         what, loop = "tri-att: score block", _tile(g, opts.score_block_per_tile * c, dt.F)
-    else:  # one query-row chunk's output [rows, H, m, d] + LSE; no score block
-        what, loop = "tri-att: fused kernel's chunk output + LSE", rows * g.m * (hd + h) * dt.F
+    else:  # one query-row chunk's output [rows, H, m, d] (op) + LSE, its state and the merge's product (F)
+        what, loop = "tri-att: fused kernel's chunk output + LSE, merge", rows * g.m * (hd * (op + 2 * dt.F) + 3 * h * dt.F)
     if g.ranks > 1:
-        what += " + next k|v|mask, bias in flight"
-        loop += _tile(g, 2 * hd + 1 + h, op)
+        what += " + next k|v|mask" + ("" if g.is_square else ", bias") + " in flight"
+        loop += _tile(g, 2 * hd + 1 + (0 if g.is_square else h), op)
     ring = x_copy + [kv, bias, q, state, (what, loop)]
     # o chunk (op) + layer_norm(x) chunk (F) + its op copy + g (op) + linear_o's output (op)
     chunk = rows * g.m * (2 * hd * op + c * (dt.F + 2 * op))

@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from boltz_cp.plan.memory import (
-    APB_CHUNK_PAIRS,
     ATOM_BYTES_EMBEDDER,
     ATOM_BYTES_STEP,
-    SCORE_BLOCK_PER_TILE,
     TRANSITION_CHUNK,
+    apb_chunk_rows,
+    triatt_chunk_rows,
 )
 from boltz_cp.plan.model import BOLTZ2, Dtypes, Geometry, Hyper
 
@@ -27,14 +27,14 @@ from boltz_cp.plan.model import BOLTZ2, Dtypes, Geometry, Hyper
 class Work:
     """Per rank, one call of one sublayer: FLOPs by rate class, memory traffic, messages."""
 
-    flops_fp32: float = 0.0  # contractions the code promotes to fp32 (tri-att, Cannon einsum, s-track)
-    flops_act: float = 0.0  # linears in the activation dtype (bf16 under autocast)
+    flops_fp32: float = 0.0  # contractions the code runs in fp32 whatever the precision (s-track scores)
+    flops_act: float = 0.0  # contractions in the activation dtype (bf16 under autocast; fp32 accumulation)
     bytes_elementwise: float = 0.0  # per-pair elementwise / LayerNorm / linear traffic
     bytes_scores: float = 0.0  # materialised attention scores (written, masked, biased, softmaxed, read)
     ring: tuple[float, float, int] | None = None  # (bytes on ring_j, bytes on ring_i) per step, steps
     bytes_exposed: float = 0.0  # transfers before the loop (alignment, transposes): not overlapped
     latency_msgs: float = 0.0  # messages whose latency is exposed
-    ops: float = 0.0  # framework ops (kernels) launched: eager dispatch costs time per op
+    ops: float = 0.0  # kernels launched (benchmarks/count_ops.py): eager dispatch costs time per launch
 
     @property
     def flops(self) -> float:
@@ -64,48 +64,58 @@ def _ring(g: Geometry, bytes_j: float, bytes_i: float) -> tuple[float, float, in
     return (bytes_j * (g.cols - 1) / steps, bytes_i * (g.rows - 1) / steps, steps)
 
 
-def pair_layer_work(g: Geometry, c: int, hp: Hyper, dt: Dtypes, with_single: bool, compact_wire: bool = False) -> Stage:
+def pair_layer_work(g: Geometry, c: int, hp: Hyper, dt: Dtypes, with_single: bool, compact_wire: bool = False,
+                    fused: bool = True) -> Stage:
     """One pairformer (or PairformerNoSeq) layer of width c on my tile: its sublayers.
+
+    ops: kernel launches per call as `benchmarks/count_ops.py` counts them (1x1, Boltz-2 widths,
+    fused kernels: trimul 13; triangle attention 19 + 7 per query-row chunk (gate) + per key
+    block 7 + 22 per chunk; transition 4 + 5 per hidden chunk; attention with pair bias 17 + 10
+    per chunk), plus 2 per mesh row or column beyond the first (ring and transpose messages).
 
     compact_wire: a change to the implementation -- ring blocks sent in bf16, and triangle
     attention ships x_ln [n, m, c] (+ mask) instead of [k | v | mask] (2hd+1 channels), the
     receiver recomputing k and v (4 n m c hd extra FLOPs per step)."""
     n, q, big_n, p = g.n, g.pairs, g.n_padded, g.side
     hd, h = hp.tri_hd, hp.tri_heads
-    # Triangle multiplication: projections in the activation dtype, Cannon einsum in fp32; per
-    # step an A block on ring_j and a B block on ring_i (fp32), after a skew + fused transpose.
-    trimul = Work(flops_act=12 * q * c * c, flops_fp32=2 * q * big_n * c,
-                  bytes_elementwise=PASSES["trimul"] * q * c * dt.A, ops=30 + 2 * (g.rows + g.cols))
+    # Triangle multiplication: projections and the Cannon / SUMMA einsum on operands in the
+    # activation dtype (layers/_precision.wire_dtype; fp32 accumulation); per step an A block on
+    # ring_j and a B block on ring_i in that dtype, after a skew + fused transpose.
+    trimul = Work(flops_act=12 * q * c * c + 2 * q * big_n * c,
+                  bytes_elementwise=PASSES["trimul"] * q * c * dt.A, ops=13 + 2 * (g.rows + g.cols - 2))
     # Triangle attention (starting or ending node): operands (x_ln, k|v|mask, bias, q) in the
     # activation dtype, so under bf16 its contractions run at the bf16 rate (online softmax state
     # and kernel accumulation fp32); scores materialised (torch) or on chip (fused); per step the
     # k|v|mask block on one ring and the bias block on the other, in the activation dtype.
-    score_rows = max(1, SCORE_BLOCK_PER_TILE * c // h)
+    chunks = -(-n // triatt_chunk_rows(fused, n, c, h))
     tri_flops = 10 * q * c * hd + 2 * q * c * h + 4 * q * big_n * hd
-    act_operands = dt.A < dt.F
-    triatt = Work(flops_act=tri_flops if act_operands else 0.0, flops_fp32=0.0 if act_operands else tri_flops,
+    triatt = Work(flops_act=tri_flops,
                   bytes_elementwise=PASSES["triatt"] * q * c * dt.A, bytes_scores=q * big_n * h * SCORE_PASSES_BYTES,
-                  ops=25 + p * (10 + 12 * -(-n // score_rows)))
+                  ops=19 + 7 * chunks + p * (7 + 22 * chunks))
     transition = Work(flops_act=24 * q * c * c, bytes_elementwise=PASSES["transition"] * q * c * dt.A,
-                      ops=4 + 7 * (4 * c // TRANSITION_CHUNK))
-    kv, bias, blk = (2 * hd + 1) * q * dt.A, h * q * dt.A, c * q * 4
+                      ops=4 + 5 * (4 * c // TRANSITION_CHUNK))
+    kv, bias, blk = (2 * hd + 1) * q * dt.A, h * q * dt.A, c * q * dt.A
     if compact_wire:
         kv, bias, blk = (c + 1) * q * 2, h * q * 2, c * q * 2
         triatt.flops_act += (p - 1) * 4 * q * c * hd
     start, end = replace(triatt), replace(triatt)
     if g.ranks > 1:
-        # square: skew of both operands (+ transpose of one); R x C: one transpose, no skew
-        skews = 2 if g.is_square else 0
-        trimul.ring, trimul.bytes_exposed, trimul.latency_msgs = _ring(g, blk, blk), (skews or 1) * blk, 2
-        start.ring, start.bytes_exposed, start.latency_msgs = _ring(g, kv, bias), skews / 2 * kv + 2 * bias, 3
-        end.ring, end.bytes_exposed, end.latency_msgs = _ring(g, bias, kv), skews / 2 * kv + 2 * bias, 3
+        # trimul: square: skew of both operands (+ transpose of one); R x C: one transpose
+        trimul.ring, trimul.bytes_exposed, trimul.latency_msgs = _ring(g, blk, blk), (2 if g.is_square else 1) * blk, 2
+        if g.is_square:  # tri-att: k|v|mask rings unskewed; the bias is transposed and all-gathered
+            start.ring, end.ring = _ring(g, kv, 0.0), _ring(g, 0.0, kv)
+            start.bytes_exposed = end.bytes_exposed = p * bias
+        else:  # the broadcast schedule: k|v|mask on its ring, bias blocks on the other
+            start.ring, end.ring = _ring(g, kv, bias), _ring(g, bias, kv)
+            start.bytes_exposed = end.bytes_exposed = 2 * bias
+        start.latency_msgs = end.latency_msgs = 3
     stage: Stage = [(trimul, 2), (start, 1), (end, 1), (transition, 1)]
     if with_single:
         cs, hs = hp.token_s, hp.s_heads
-        apb_rows = max(1, APB_CHUNK_PAIRS // g.m)
+        apb_rows = apb_chunk_rows(g.m, c)
         stage.append((Work(flops_fp32=34 * n * cs * cs + 4 * q * cs + 2 * q * c * hs,
                            bytes_elementwise=4 * q * c * dt.F + q * hs * 24, latency_msgs=2,
-                           ops=40 + 14 * -(-n // apb_rows) + 2 * (g.rows + g.cols)), 1))
+                           ops=17 + 10 * -(-n // apb_rows) + 2 * (g.rows + g.cols - 2)), 1))
     return stage
 
 
@@ -114,12 +124,13 @@ def _times(stage: Stage, k: float) -> Stage:
 
 
 def stage_work(g: Geometry, hp: Hyper = BOLTZ2, precision: str = "fp32",
-               compact_wire: bool = False) -> dict[str, tuple[Stage, int]]:
-    """Per stage: the sublayer work of ONE call on one rank, and the calls in a forward."""
+               compact_wire: bool = False, fused: bool = True) -> dict[str, tuple[Stage, int]]:
+    """Per stage: the sublayer work of ONE call on one rank, and the calls in a forward
+    (fused: kernels.attention is fused, which sizes the query-row chunks)."""
     dt = Dtypes.of(precision)
 
     def pair_layer(g_, c_, hp_, dt_, single):
-        return pair_layer_work(g_, c_, hp_, dt_, single, compact_wire)
+        return pair_layer_work(g_, c_, hp_, dt_, single, compact_wire, fused)
 
     c, q, n, big_n = hp.token_z, g.pairs, g.n, g.n_padded
     passes = hp.recycling_steps + 1
@@ -139,10 +150,10 @@ def stage_work(g: Geometry, hp: Hyper = BOLTZ2, precision: str = "fp32",
 
     s_rows = hp.msa_rows / g.cols
     msa = _times(pair_layer(g, c, hp, dt, False), hp.msa_blocks)
-    msa.append((Work(flops_fp32=(2 * s_rows * n * big_n * 256  # pair-weighted averaging (over N)
-                                 + 2 * q * hp.msa_rows * 32 * 32  # outer product (over S)
-                                 + g.side * 2 * q * 1024 * c),  # proj_o applied at every ring step
-                     flops_act=s_rows * n * (2 * hp.msa_s * 512 + 2 * 256 * hp.msa_s + 6 * hp.msa_s * 256),
+    msa.append((Work(flops_fp32=2 * s_rows * n * big_n * 256,  # pair-weighted averaging (over N)
+                     flops_act=(s_rows * n * (2 * hp.msa_s * 512 + 2 * 256 * hp.msa_s + 6 * hp.msa_s * 256)
+                                + 2 * q * hp.msa_rows * 32 * 32  # outer product (over S), operands in wire dtype
+                                + g.side * 2 * q * 1024 * c),  # proj_o applied at every ring step
                      bytes_elementwise=q * (8 * 12 + 2 * c) * dt.F), hp.msa_blocks))
     out["MSA module"] = (msa, passes)
     out["pairformer"] = (_times(pair_layer(g, c, hp, dt, True), hp.pairformer_blocks), passes)
@@ -159,14 +170,14 @@ def stage_work(g: Geometry, hp: Hyper = BOLTZ2, precision: str = "fp32",
     # One denoising step of `samples` samples: the token transformer on my row block I_r
     # (n tokens, dim 2*token_s; every rank of a tile row runs its rows), keys J_c; atom windows.
     d, m = 2 * hp.token_s, hp.samples
-    tt_rows = max(1, APB_CHUNK_PAIRS // g.m)
+    tt_rows = apb_chunk_rows(g.m, hp.token_transformer_heads * m)
     tt_layer = Work(flops_act=m * 38 * n * d * d, flops_fp32=m * 4 * q * d,
                     bytes_scores=m * q * hp.token_transformer_heads * 24, latency_msgs=2,
-                    ops=40 + 14 * -(-n // tt_rows) + g.rows + g.cols)
+                    ops=44 + 10 * -(-n // tt_rows) + g.rows + g.cols)
     atoms = Work(flops_act=m * (hp.atom_encoder_depth + hp.atom_decoder_depth) * atom_layer,
                  bytes_elementwise=m * la * ATOM_BYTES_STEP * 4,
                  latency_msgs=6 + 2 * (hp.atom_encoder_depth + hp.atom_decoder_depth),
-                 ops=150 + 60 * (hp.atom_encoder_depth + hp.atom_decoder_depth))
+                 ops=135 + 52 * (hp.atom_encoder_depth + hp.atom_decoder_depth))
     out["diffusion step"] = ([(tt_layer, hp.token_transformer_depth), (atoms, 1)], hp.sampling_steps)
 
     # The confidence module runs once per sample (run_sequentially).
@@ -216,9 +227,10 @@ IB_BYTES = 0.80 * 50e9  # per GPU between nodes
 
 
 def h100_variant(kind: str, inter_node: bool = False) -> Machine:
-    """H100 variants: 'as implemented' (also 'torch'); 'tf32' (the fp32 contractions on TF32
-    tensor cores); 'fused' (flash-style triangle-attention kernels returning the log-sum-exp the
-    ring merge needs, scores on chip; 'fused+bf16' also runs the contractions in bf16).
+    """H100 variants: 'as implemented' (also 'torch': attention scores materialised); 'tf32'
+    (the fp32 contractions on TF32 tensor cores); 'fused' (kernels.attention=fused: flash-style
+    kernels returning the log-sum-exp the ring merge needs, scores on chip). Which contractions
+    run in bf16 follows from the precision (`stage_work`), as the code decides it.
     inter_node: the mesh spans nodes, one tile row per node, so ring_j is NVLink and ring_i (and
     the transposes) InfiniBand."""
     m = H100
@@ -230,9 +242,6 @@ def h100_variant(kind: str, inter_node: bool = False) -> Machine:
         return replace(m, contraction_flops=0.45 * 495e12, name=m.name + ", TF32 contractions")
     if kind == "fused":
         return replace(m, fused_attention=True, name=m.name + ", fused attention kernels")
-    if kind == "fused+bf16":
-        return replace(m, contraction_flops=0.45 * 989e12, fused_attention=True,
-                       name=m.name + ", fused bf16 attention kernels")
     raise ValueError(kind)
 
 
@@ -265,7 +274,7 @@ def stage_time(g: Geometry, hp: Hyper, mach: Machine, precision: str = "fp32",
                compact_wire: bool = False) -> dict[str, dict]:
     """Per stage: seconds per call, calls per forward, seconds per forward (one rank)."""
     out = {}
-    for name, (stage, calls) in stage_work(g, hp, precision, compact_wire).items():
+    for name, (stage, calls) in stage_work(g, hp, precision, compact_wire, mach.fused_attention).items():
         t = sum(m * work_time(w, mach, precision) for w, m in stage)
         out[name] = {"per_call": t, "calls": calls, "total": t * calls}
     return out
@@ -298,12 +307,10 @@ def ring_step_table(g: Geometry, hp: Hyper = BOLTZ2) -> list[tuple[str, str, flo
         ("tri-mul: transpose (+ skew on a square mesh) of the mis-placed operand", "mesh", q * c * 4,
          2 if g.is_square else 1),
         ("tri-att start: k|v|mask (ring_j)", "ring_j", q * (2 * hd + 1) * 4, sj),
-        ("tri-att start: bias (ring_i)", "ring_i", q * h * 4, si),
+        ("tri-att start: bias (ring_i; square: all_gather before the loop)", "ring_i", q * h * 4, si),
         ("tri-att end: k|v|mask (ring_i)", "ring_i", q * (2 * hd + 1) * 4, si),
-        ("tri-att end: bias (ring_j)", "ring_j", q * h * 4, sj),
-        ("tri-att: k|v|mask skew (before the loop, square only)", "ring_j / ring_i", q * (2 * hd + 1) * 4,
-         2 if g.is_square else 0),
-        ("tri-att: bias transpose (+ skew) (before the loop)", "mesh", q * h * 4, 4 if g.is_square else 2),
+        ("tri-att end: bias (ring_j; square: all_gather before the loop)", "ring_j", q * h * 4, sj),
+        ("tri-att: bias transpose (before the loop)", "mesh", q * h * 4, 2),
         ("s-attention: k_in transpose", "mesh", g.n * (hp.token_s + 1) * 4, 1),
         ("s-attention: partial states all_gather (ring_j)", "ring_j", g.n * (hp.token_s + 2 * hp.s_heads) * 4, sj),
     ]
