@@ -246,10 +246,11 @@ def h100_variant(kind: str, inter_node: bool = False) -> Machine:
 
 
 # This 2-core CPU (gloo, 1 thread per rank): rates fitted to the measured per-stage CPU seconds
-# of the 1x1 runs (`python benchmarks/model.py fit-cpu REPORT.json ...`).
+# of the 1x1 runs (`python benchmarks/model.py fit-cpu benchmarks/results/bench_n1000_1x1_ops_*.json`,
+# 2026-12-06; the VM of that day ran ~1.45x slower than the one of 2026-12-02).
 CPU_HERE = Machine(
     name="2-core AMD EPYC VM, 1 thread/rank (fitted)",
-    fp32_flops=53e9, act_flops={"fp32": 53e9}, hbm_bytes=9.5e9, ring_j_bytes=1e9, ring_i_bytes=1e9, latency=2e-4,
+    fp32_flops=27.7e9, act_flops={"fp32": 27.7e9}, hbm_bytes=12.6e9, ring_j_bytes=1e9, ring_i_bytes=1e9, latency=2e-4,
     op_overhead=0.0, overlap_dispatch=False,
 )
 
