@@ -76,6 +76,17 @@ def cannon_matmul(a: torch.Tensor, b: torch.Tensor, mesh: CPMesh, *, a_transpose
     Returns:
         [*batch, m, n] block C[r, c].
     """
+    return cannon_matmul_owned([a, b], mesh, a_transposed=a_transposed, b_transposed=b_transposed,
+                               out_dtype=out_dtype)
+
+
+def cannon_matmul_owned(operands: list[torch.Tensor], mesh: CPMesh, *, a_transposed: bool = False,
+                        b_transposed: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`cannon_matmul` of operands = [a, b], which it empties: when the caller holds no other
+    reference, the unaligned blocks are freed once aligned, so the loop holds one operand pair
+    fewer (the aligned blocks, the next ones in flight and the accumulator)."""
+    b = operands.pop()
+    a = operands.pop()
     dtype = out_dtype or a.dtype
     if not mesh.is_square:
         # Orient a transposed operand as the broadcast schedule needs it: its k on the grid's
@@ -90,7 +101,9 @@ def cannon_matmul(a: torch.Tensor, b: torch.Tensor, mesh: CPMesh, *, a_transpose
         return torch.matmul(a.to(dtype), b.to(dtype))
     pa, pb = align(a.contiguous(), b.contiguous(), mesh, a_transposed=a_transposed,
                    b_transposed=b_transposed)
+    del a, b  # the send buffers live in pa / pb until their transfers complete
     a_blk, b_blk = pa.wait(), pb.wait()
+    del pa, pb
     batch = a_blk.shape[:-2]
     acc = a_blk.new_zeros((*batch, a_blk.shape[-2], b_blk.shape[-1]), dtype=dtype)
     acc3 = acc.view(-1, *acc.shape[-2:])

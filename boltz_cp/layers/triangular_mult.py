@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from boltz.model.layers import triangular_mult as upstream
 from boltz_cp.distributed import PAIR, TokenLayout, check_placements
-from boltz_cp.distributed.cannon import cannon_matmul
+from boltz_cp.distributed.cannon import cannon_matmul, cannon_matmul_owned
 from boltz_cp.distributed.comm import transpose_exchange
 from boltz_cp.distributed.summa import summa_matmul
 from boltz_cp.layers._dtensor import like
@@ -49,10 +49,17 @@ def _forward(module, x: DTensor, mask: DTensor, layout: TokenLayout, outgoing: b
     x_tile = x_tile.to(wire_dtype(device_type, dtype))
     mesh = layout.mesh
     with torch.autocast(device_type, enabled=False):
-        if mesh.is_square:
+        if mesh.size == 1:
             a_blk, b_blk = _blocks(x_tile, outgoing)
-            o_tile = cannon_matmul(a_blk, b_blk, mesh, a_transposed=not outgoing,
-                                   b_transposed=outgoing, out_dtype=dtype)
+            o_tile = cannon_matmul(a_blk, b_blk, mesh, out_dtype=dtype)
+        elif mesh.is_square:
+            # The operands as tiles of their own, handed over so that the a|b projection and
+            # then the unaligned blocks are freed before the ring loop (2 tiles fewer at its peak).
+            operands = [t.contiguous() for t in _blocks(x_tile, outgoing)]
+            del x_tile
+            o_tile = cannon_matmul_owned(operands, mesh, a_transposed=not outgoing,
+                                         b_transposed=outgoing, out_dtype=dtype)
+            a_blk = b_blk = None
         else:
             # R x C: both SUMMA operands become tiles of their own, then the a|b projection
             # is freed before the broadcast loop (measured: it was 2 of the loop's 11 tiles).

@@ -156,8 +156,8 @@ def triangle_attention_terms(g: Geometry, c: int, hp: Hyper, dt: Dtypes, opts: M
 
 def triangle_mult_terms(g: Geometry, c: int, dt: Dtypes, opts: MemOptions = AS_BUILT) -> Terms:
     """boltz_cp/layers/triangular_mult.py `_forward` at its peak: the largest of the input
-    projection (x_in, p_in, g_in, sigmoid), the Cannon / SUMMA loop (x_in, a|b, current + next
-    blocks in flight, accumulator) and the output gating (x_in, a|b, acc, p_out, sigmoid, out).
+    projection (x_in, p_in, g_in, sigmoid), the Cannon / SUMMA loop (x_in, the operand blocks,
+    the next ones in flight, accumulator) and the output gating (x_in, a|b, acc, p_out, sigmoid, out).
     On R x C (cannon_matmul's SUMMA path) the mis-placed operand is transposed into a new tile
     first, and each step's product is a new tile added to the accumulator."""
     blk = dt.A if opts.cannon_act_dtype else dt.F
@@ -166,11 +166,12 @@ def triangle_mult_terms(g: Geometry, c: int, dt: Dtypes, opts: MemOptions = AS_B
     base = _tile(g, c, dt.L) + _tile(g, 2 * c, dt.A) + fp32_copy
     if g.ranks == 1:
         loop, what = base + _tile(g, 2 * c, blk) + _tile(g, c, dt.F), "matmul's contiguous a, b + output"
-    elif g.is_square:
-        loop, what = base + _tile(g, 4 * c, blk) + _tile(g, c, dt.F), "Cannon loop x_in, a|b, blocks + next, acc"
-    else:  # a|b is freed once both operands are tiles of their own; one receive buffer each
+    else:  # a|b is freed once both operands are tiles of their own (handed to the loop on a
+        # square mesh, freed once aligned); Cannon: blocks + next in flight; SUMMA: own a and b
+        # + a receive buffer each
         loop = _tile(g, c, dt.L) + _tile(g, 4 * c, blk) + _tile(g, c, dt.F)
-        what = "SUMMA loop x_in, own a and b, a receive buffer each, acc"
+        what = ("Cannon loop x_in, aligned blocks + next, acc" if g.is_square
+                else "SUMMA loop x_in, own a and b, a receive buffer each, acc")
     phase_out = base + _tile(g, c, dt.F) + _tile(g, 3 * c, dt.A)
     best = max((phase_in, "input projections x_in, p_in, g_in, sigmoid"), (loop, what), (phase_out, "output gating"))
     return [(f"tri-mul: {best[1]}", best[0])]
