@@ -78,7 +78,6 @@ def count_diffusion(layout) -> dict[str, int]:
     gen = torch.Generator().manual_seed(0)
     twin = case.cp_twin(randomize_(case.build(LAYER_WIDTHS["tiny"]), gen).float().eval())
     x = _all_real(case.inputs(layout.n, LAYER_WIDTHS["tiny"], gen))
-    x["token_pad_mask"] = torch.ones_like(x["token_pad_mask"])
     try:
         with torch.inference_mode():
             case.cp(twin, x, layout)  # warm-up

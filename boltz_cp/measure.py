@@ -159,7 +159,7 @@ class _Open:
     start: int
     peak: int
     ref: int | None
-    ops: int | None  # the meter's kernel launches when the stage began
+    launches: int | None  # the meter's kernel launches when the stage began
 
 
 @dataclass
@@ -201,7 +201,7 @@ class StageRecorder:
         ref = o.start if o.ref is None else o.ref
         self.records.append({"stage": name, "start": o.t0 - self.t_origin, "seconds": t1 - o.t0,
                              "cpu_seconds": cpu1 - o.cpu0, "peak_bytes": peak - ref,
-                             "launches": None if o.ops is None else self.meter.launches - o.ops,
+                             "launches": None if o.launches is None else self.meter.launches - o.launches,
                              "depth": len(self._open)})
         if self.log is not None and len(self._open) <= 1:
             self.log(f"{name}: {t1 - o.t0:.2f} s, peak {(peak - ref) / MIB:.1f} MiB")

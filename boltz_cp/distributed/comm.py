@@ -266,11 +266,11 @@ def skew(x: torch.Tensor, mesh: CPMesh, ring: str = "j", *, inverse: bool = Fals
 def ring_all_gather(x: torch.Tensor, mesh: CPMesh, ring: str = "j") -> Pending:
     """Every member's x along ``ring``: ``wait()`` returns a list indexed by ring position
     (c on ring_j, r on ring_i; my own entry is a copy of x). Asynchronous; all members must
-    call it with tiles of the same shape and dtype. A ring of size 1 returns [x] (no copy)."""
+    call it with tiles of the same shape and dtype. A ring of size 1 returns [x]: no message,
+    no copy."""
     ring = as_ring(ring)
     size = mesh.cols if ring == Ring.RING_J else mesh.rows
     if size == 1:
-        _COUNTERS["local_copy"] += 1
         return Pending([x], [])
     send = x.contiguous()
     parts = [torch.empty_like(send) for _ in range(size)]

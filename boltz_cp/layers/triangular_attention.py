@@ -89,7 +89,7 @@ from boltz_cp.layers._precision import wire_dtype
 SCORE_BLOCK_PER_TILE = 1
 # A fused kernel keeps no score block: a chunk's transients are its rows' output, the merge's
 # and the gate's temporaries, about this many fp32 copies of its rows of the tile; chunks are
-# sized to the same budget, so far fewer of them (each costs ~50 ops of dispatch on a GPU).
+# sized to the same budget, so far fewer of them (each costs ~30 kernel launches on a GPU).
 FUSED_ROW_COPIES = 3
 
 
@@ -166,7 +166,7 @@ def _attend(mod, x: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, kv_ri
     kv_tile = F.linear(x_ln, w_kv)
     kv_tile[..., -1] = mask
     if pending_bias is not None:
-        pending_bias = _gathered(pending_bias.wait(), mesh, bias_ring)
+        pending_bias = ring_all_gather(pending_bias.wait(), mesh, bias_ring)  # a list by key block
     # [B, n_i, H, n_j, d], scaled as upstream does.
     q = _linear(att.linear_q, x_ln).view(bsz, n, n_j, heads, width).permute(0, 1, 3, 2, 4)
     q = q / math.sqrt(width)
@@ -273,13 +273,6 @@ def _transposed(bias_tile: torch.Tensor, mesh) -> Pending:
     """Square mesh: b of tile (c, r) from my transpose partner (my own tile on the diagonal)."""
     r, c = mesh.coord
     return _ready(bias_tile) if r == c else transpose_exchange(bias_tile, mesh)
-
-
-def _gathered(bias_t: torch.Tensor, mesh, bias_ring: str) -> Pending:
-    """Square mesh: every transposed bias tile of my bias ring, a list indexed by key block."""
-    if mesh.rows == 1:
-        return _ready([bias_t])
-    return ring_all_gather(bias_t, mesh, bias_ring)
 
 
 def _ring_blocks(kv_tile: torch.Tensor, pending_bias: Pending, layout: TokenLayout, kv_ring: str):

@@ -50,8 +50,7 @@ def _forward(module, x: DTensor, mask: DTensor, layout: TokenLayout, outgoing: b
     mesh = layout.mesh
     with torch.autocast(device_type, enabled=False):
         if mesh.size == 1:
-            a_blk, b_blk = _blocks(x_tile, outgoing)
-            o_tile = cannon_matmul(a_blk, b_blk, mesh, out_dtype=dtype)
+            o_tile = cannon_matmul(*_blocks(x_tile, outgoing), mesh, out_dtype=dtype)
         elif mesh.is_square:
             # The operands as tiles of their own, handed over so that the a|b projection and
             # then the unaligned blocks are freed before the ring loop (2 tiles fewer at its peak).
@@ -59,14 +58,13 @@ def _forward(module, x: DTensor, mask: DTensor, layout: TokenLayout, outgoing: b
             del x_tile
             o_tile = cannon_matmul_owned(operands, mesh, a_transposed=not outgoing,
                                          b_transposed=outgoing, out_dtype=dtype)
-            a_blk = b_blk = None
         else:
             # R x C: both SUMMA operands become tiles of their own, then the a|b projection
             # is freed before the broadcast loop (measured: it was 2 of the loop's 11 tiles).
             a_blk, b_blk = _summa_operands(x_tile, outgoing, mesh)
             del x_tile
             o_tile = summa_matmul(a_blk, b_blk, mesh.grid(), dtype)
-        del a_blk, b_blk
+            del a_blk, b_blk
         o_tile = o_tile.permute(0, 2, 3, 1)
     out_tile = module.p_out(module.norm_out(o_tile)) * module.g_out(x_in_tile).sigmoid()
     return like(x, out_tile)
